@@ -40,6 +40,9 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     ensure_writable_parent(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide a shared model folder from other users
     try:
         yield tmp
     except BaseException:

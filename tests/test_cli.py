@@ -1,0 +1,88 @@
+"""The command line: JSON output, determinism, and one-line errors for bad input."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from unrelearn.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture()
+def model_folder(tiny_model, tmp_path):
+    return tiny_model.save(tmp_path / "model")
+
+
+def _assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_evaluate_json_is_deterministic(model_folder, tmp_path):
+    args = ("evaluate", model_folder, "--concept", "circle", "--samples", 6, "--steps", 2, "--json")
+    first, second = invoke(*args), invoke(*args)
+    assert first.exit_code == 0, first.output
+    metrics = json.loads(first.output)
+    for key in ("forget_rate", "forget_rate_ci", "retain_alignment", "fid", "samples"):
+        assert key in metrics
+    assert metrics["samples"] == 6
+    lo, hi = metrics["forget_rate_ci"]
+    assert 0 <= lo <= metrics["forget_rate"] <= hi <= 1
+    assert json.loads(second.output) | {"wall_seconds": 0} == metrics | {"wall_seconds": 0}
+
+
+def test_evaluate_writes_metrics_and_grids(model_folder, tmp_path):
+    result = invoke("evaluate", model_folder, "-c", "striped", "--samples", 4, "--steps", 2, "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in (tmp_path / "eval").iterdir()} == {"metrics.json", "forget_grid.png", "retain_grid.png"}
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (("--concept", "unicorn"), ("unknown concept 'unicorn'", "circle")),
+        (("--concept", "circle", "--world", "mars"), ("unknown world 'mars'",)),
+        (("--concept", "circle", "--samples", 0), ("--samples must be at least 2",)),
+    ],
+)
+def test_evaluate_bad_input(model_folder, args, fragments):
+    _assert_one_line_error(invoke("evaluate", model_folder, *args), *fragments)
+
+
+def test_missing_or_incomplete_model_folder(model_folder, tmp_path):
+    _assert_one_line_error(invoke("evaluate", tmp_path / "nope", "-c", "circle"), "does not exist")
+    _assert_one_line_error(invoke("evaluate", "builtin:nothing", "-c", "circle"), "unknown built-in model 'nothing'")
+    (model_folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    _assert_one_line_error(invoke("evaluate", model_folder, "-c", "circle"), "missing unet/diffusion_pytorch_model.safetensors")
+
+
+def test_unwritable_output_leaves_nothing_behind(model_folder, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = invoke("evaluate", model_folder, "-c", "circle", "--samples", 2, "--steps", 1, "--out", blocker / "eval")
+    _assert_one_line_error(result, "is a file, not a folder")
+    demo = invoke("demo", "--out", blocker / "demo")
+    _assert_one_line_error(demo, "cannot write to")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "model"]
+
+
+def test_train_base_rejects_unknown_concept_and_world(tmp_path):
+    _assert_one_line_error(invoke("train-base", "--out", tmp_path / "m", "--exclude", "unicorn"), "unknown concept 'unicorn'")
+    _assert_one_line_error(invoke("train-base", "--out", tmp_path / "m", "--world", "mars"), "unknown world 'mars'")
+    assert not (tmp_path / "m").exists()
+
+
+def test_concepts_lists_prompt_sets():
+    result = invoke("concepts", "--concept", "circle")
+    assert result.exit_code == 0
+    assert "hrm_s (1): a circle" in result.output and "related concepts: ring" in result.output
