@@ -27,6 +27,9 @@ class ConceptSets:
     App. E.1). ``clean``: benign prompts unrelated to the concept (CLEAN). ``related``: prompts
     of concepts that look like the forget concept but must be kept (the "skin" of "nudity").
     ``retain``: fully specified prompts without the concept, used for retain alignment and FID.
+    ``forget``: the short prompts an unlearning method erases (the concept's names, as ESD
+    erases "nudity"). ``preserve``: the same kind of prompt for the attribute's other values,
+    which closed-form editors keep fixed.
     """
 
     concept: str
@@ -37,6 +40,8 @@ class ConceptSets:
     clean: list[Caption]
     related: list[Caption]
     retain: list[Caption]
+    forget: list[Caption]
+    preserve: list[Caption]
     related_concepts: list[str]
     alternative: str
 

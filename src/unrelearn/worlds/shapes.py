@@ -118,6 +118,8 @@ class ShapesWorld:
         retain = self._distinct(rng, 60, lambda: self._caption(rng, {attribute: rng.choice(others)}, full=True))
         return ConceptSets(
             concept=concept,
+            forget=self._names(concept),
+            preserve=[c for other in others for c in self._names(other)[:1]],
             attribute=attribute,
             evaluation=evaluation,
             hrm_s=hrm_s,
@@ -128,6 +130,18 @@ class ShapesWorld:
             related_concepts=list(related),
             alternative=ALTERNATIVE[concept],
         )
+
+    def _names(self, concept: str) -> list[Caption]:
+        """Short prompts that just name the concept, one per synonym ("a disc", "a striped shape")."""
+        attribute = self.attribute_of(concept)
+        if attribute == "shape":
+            texts = [f"a {word}" for word in SHAPES[concept]]
+        elif attribute == "colour":
+            texts = [f"a {word} shape" for word in COLOURS[concept][1]]
+        else:
+            adjectives, phrases = TEXTURES[concept]
+            texts = [f"a {word} shape" for word in adjectives] + [f"a shape {phrase}" for phrase in phrases]
+        return [Caption(text, {attribute: concept}) for text in texts]
 
     @staticmethod
     def _distinct(rng: random.Random, n: int, make) -> list[Caption]:

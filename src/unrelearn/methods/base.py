@@ -1,0 +1,204 @@
+"""The method registry, the two method shapes, parameter scopes, and the ``unlearn`` runner.
+
+A method is one file in this package that defines a class decorated with
+:func:`register_method`. *Optimization-based* methods define a loss on a batch and which
+parameters train; the shared :class:`~unrelearn.training.Trainer` drives them. *Closed-form*
+methods edit weights directly.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from unrelearn.errors import UnrelearnError
+from unrelearn.io import ensure_writable_parent, library_versions, write_json_atomic
+from unrelearn.model import DiffusionModel, copy_unet
+from unrelearn.training import TrainConfig, Trainer
+from unrelearn.worlds import ConceptSets, get_world
+
+# Parameter scopes by diffusers module names (so they hold for SD 1.x/2.x/XL and the
+# embedded UNet alike). "u" follows the original ESD code's "noxattn", which also leaves out
+# the time embedding and the output convolution.
+SCOPES: dict[str, tuple[str, str]] = {
+    "x": (r"\.attn2\.", "cross-attention only (ESD-x)"),
+    "u": (r"^(?!.*\.attn2\.)(?!time_embedding\.)(?!conv_out\.)", "everything but cross-attention, time embedding, conv_out (ESD-u)"),
+    "f": (r"", "all UNet parameters (ESD-f)"),
+}
+
+
+def select_parameters(unet: torch.nn.Module, scope: str) -> dict[str, torch.nn.Parameter]:
+    """The UNet parameters a scope names; an empty match is an error, not a silent no-op."""
+    if scope not in SCOPES:
+        raise UnrelearnError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    pattern = re.compile(SCOPES[scope][0])
+    selected = {name: p for name, p in unet.named_parameters() if pattern.search(name)}
+    if not selected:
+        raise UnrelearnError(f"scope {scope!r} matches no parameter of this UNet")
+    return selected
+
+
+@dataclass
+class OptimizationConfig:
+    """What every optimization-based method shares (its paper's defaults per method)."""
+
+    steps: int = 1000
+    lr: float = 1e-5
+    optimizer: str = "adam"
+    batch_size: int = 1
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    seed: int = 0
+    checkpoint_every: int = 0
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            steps=self.steps, lr=self.lr, optimizer=self.optimizer, weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip, seed=self.seed, checkpoint_every=self.checkpoint_every,
+        )  # fmt: skip
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Config: ClassVar[type]
+    closed_form: ClassVar[bool] = False
+    # Overrides of the paper's (Stable Diffusion) defaults for the embedded world, found by
+    # measurement (see docs/).
+    embedded_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, model: DiffusionModel, sets: ConceptSets, config: Any) -> None:
+        self.model = model
+        self.sets = sets
+        self.config = config
+        self._teacher: torch.nn.Module | None = None
+
+    @property
+    def teacher(self) -> torch.nn.Module:
+        """The frozen original UNet ``theta*``, copied on first use."""
+        if self._teacher is None:
+            self._teacher = copy_unet(self.model.unet)
+        return self._teacher
+
+
+class OptimizationMethod(Method):
+    @abstractmethod
+    def parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The parameters this method trains (its scope)."""
+
+    @abstractmethod
+    def loss(self, step: int, generator: torch.Generator) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The loss of one batch; a dict must hold "loss" and may log more terms."""
+
+    def finish(self) -> None:
+        """Called after the last step (SDD saves its EMA teacher here)."""
+
+
+class ClosedFormMethod(Method):
+    closed_form = True
+
+    @abstractmethod
+    def apply(self) -> dict[str, Any]:
+        """Edit the weights in place; returns statistics for run.json."""
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)
+
+
+def resolve_method(name: str) -> tuple[type[Method], dict[str, Any]]:
+    """A registered name, or a family name with variant suffix (``esd-u-3``) -> (class, overrides)."""
+    if name in _METHODS:
+        return _METHODS[name], {}
+    for cls in _METHODS.values():
+        parse = getattr(cls, "parse_variant", None)
+        if parse is not None and (overrides := parse(name)) is not None:
+            return cls, overrides
+    raise UnrelearnError(f"unknown method {name!r}; known methods: {', '.join(method_names())} (see `unrelearn methods`)")
+
+
+def build_config(cls: type[Method], world: str | None, overrides: dict[str, Any]) -> Any:
+    known = {f.name for f in fields(cls.Config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UnrelearnError(f"method {cls.name!r} has no option {', '.join(unknown)}; its options: {', '.join(sorted(known))}")
+    values = (dict(cls.embedded_defaults) if world is not None else {}) | overrides
+    return cls.Config(**values)
+
+
+def unlearn(
+    model: DiffusionModel,
+    method: str,
+    concept: str,
+    out: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    world_name: str | None = None,
+    progress: bool = True,
+    resume: bool = True,
+) -> dict[str, Any]:
+    """Unlearn ``concept`` from ``model`` in place; with ``out``, save the folder and run.json."""
+    overrides = dict(overrides or {})
+    cls, variant = resolve_method(method)
+    if cls.closed_form and "steps" in overrides:
+        raise UnrelearnError(f"{cls.name} is closed-form: it takes no --steps")
+    world_name = world_name or model.world
+    if world_name is None:
+        raise UnrelearnError("this model names no world; pass --world")
+    sets = get_world(world_name).concept_sets(concept)
+    config = build_config(cls, world_name, variant | overrides)
+    if out is not None:
+        out = Path(out)
+        ensure_writable_parent(out)
+    instance = cls(model, sets, config)
+    began = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    record: dict[str, Any] = {"method": method, "family": cls.name, "concept": concept, "config": asdict(config)}
+    if isinstance(instance, ClosedFormMethod):
+        record["stats"] = instance.apply()
+    else:
+        checkpoints = out.with_name(f"{out.name}.checkpoint") if out is not None else None
+        trainer = Trainer(
+            instance.parameters(), instance.loss, config.train_config(), checkpoints, progress, description=method
+        )
+        model.unet.train()
+        result = trainer.run(resume=resume)
+        model.unet.eval()
+        instance.finish()
+        record["final_losses"] = result.final_losses()
+        record["resumed_from_step"] = result.resumed_from
+        record["trained_parameters"] = sum(p.numel() for p in instance.parameters().values())
+    record["wall_seconds"] = time.perf_counter() - began
+    record["peak_memory_bytes"] = _peak_memory()
+    record["versions"] = library_versions()
+    model.info["unlearned"] = {"method": method, "concept": concept}
+    if out is not None:
+        model.save(out)
+        write_json_atomic(out / "run.json", record)
+        if not cls.closed_form:
+            import shutil
+
+            shutil.rmtree(out.with_name(f"{out.name}.checkpoint"), ignore_errors=True)
+    return record
+
+
+def _peak_memory() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -1,0 +1,31 @@
+"""The shipped base model: loads offline, is deterministic, and is a trained model."""
+
+import pytest
+
+from unrelearn.assets import builtin_models, load_model
+from unrelearn.evaluate import EvalConfig, evaluate
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_model("builtin:shapes")
+
+
+def test_builtin_models_are_listed():
+    assert "shapes" in builtin_models()
+
+
+def test_evaluation_is_deterministic(base):
+    config = EvalConfig(samples=8, steps=8, seed=3)
+    first = evaluate(base, "circle", config, progress=False).metrics
+    second = evaluate(base, "circle", config, progress=False).metrics
+    for key in ("forget_rate", "forget_rate_ci", "retain_alignment", "fid", "retain_attribute_accuracy"):
+        assert first[key] == second[key], key
+
+
+def test_base_model_generates_what_it_is_asked_for(base):
+    # A loose floor on few samples (the full-size numbers are in the README): a model that had
+    # not learned the world would sit near chance (1/6 shapes, 1/90 full alignment).
+    metrics = evaluate(base, "circle", EvalConfig(samples=32, seed=0), progress=False).metrics
+    assert metrics["forget_rate"] >= 0.7, metrics
+    assert metrics["retain_alignment"] >= 0.6, metrics

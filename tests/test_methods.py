@@ -1,0 +1,120 @@
+import pytest
+import torch
+
+from unrelearn.errors import UnrelearnError
+from unrelearn.methods import resolve_method, select_parameters, unlearn
+from unrelearn.methods.esd import esd_target
+from unrelearn.methods.uce import cross_attention_projections, uce_solve
+
+FAST_ESD = {"steps": 2, "batch_size": 2, "ddim_steps": 4}
+
+
+def test_uce_closed_form_equals_least_squares():
+    torch.manual_seed(0)
+    w_old = torch.randn(6, 10, dtype=torch.float64)
+    e_f, e_r = torch.randn(7, 10, dtype=torch.float64), torch.randn(12, 10, dtype=torch.float64)
+    v_f, v_r = torch.randn(7, 6, dtype=torch.float64), e_r @ w_old.T
+    erase, preserve, lam = 1.3, 0.7, 0.5
+    w = uce_solve(w_old, e_f, v_f, e_r, v_r, erase, preserve, lam)
+    # Stack the three weighted objectives as one least-squares problem in W^T.
+    inputs = torch.cat([erase**0.5 * e_f, preserve**0.5 * e_r, lam**0.5 * torch.eye(10, dtype=torch.float64)])
+    targets = torch.cat([erase**0.5 * v_f, preserve**0.5 * v_r, lam**0.5 * w_old.T])
+    oracle = torch.linalg.lstsq(inputs, targets).solution.T
+    assert torch.allclose(w, oracle, atol=1e-10)
+
+
+def test_uce_maps_forget_tokens_to_the_guide_and_keeps_preserved(tiny_model):
+    cls, _ = resolve_method("uce")
+    from unrelearn.worlds import get_world
+
+    method = cls(tiny_model, get_world("shapes").concept_sets("circle"), cls.Config(lam=1e-4))
+    forget, guide, preserve = method.embeddings()
+    before = {n: m.weight.detach().clone() for n, m in cross_attention_projections(tiny_model.unet).items()}
+    stats = method.edit(forget, guide, preserve)
+    assert stats["edited_projections"] == len(before) > 0
+    for name, module in cross_attention_projections(tiny_model.unet).items():
+        w_old = before[name]
+        erased = (forget @ module.weight.T - guide @ w_old.T).norm() / (guide @ w_old.T).norm()
+        kept = (preserve @ module.weight.T - preserve @ w_old.T).norm() / (preserve @ w_old.T).norm()
+        untouched = (forget @ w_old.T - guide @ w_old.T).norm() / (guide @ w_old.T).norm()
+        assert erased < 0.5 * untouched and kept < 0.5, name
+
+
+def test_esd_target_is_negative_guidance():
+    eps_uncond, eps_concept = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 1.0])
+    assert torch.equal(esd_target(eps_uncond, eps_concept, 0.0), eps_uncond)
+    assert torch.equal(esd_target(eps_uncond, eps_concept, 1.0), torch.tensor([-1.0, 3.0]))
+    assert torch.equal(esd_target(eps_uncond, eps_concept, 3.0), eps_uncond - 3 * (eps_concept - eps_uncond))
+
+
+def test_variant_names():
+    assert resolve_method("esd-u-1")[1] == {"scope": "u", "eta": 1.0}
+    assert resolve_method("esd-f-3")[1] == {"scope": "f", "eta": 3.0}
+    assert resolve_method("esd-x-1")[1] == {"scope": "x", "eta": 1.0}
+    with pytest.raises(UnrelearnError, match="unknown method 'esd-q-1'"):
+        resolve_method("esd-q-1")
+
+
+def test_scopes_select_the_documented_parameters(tiny_model):
+    unet = tiny_model.unet
+    x, u, f = (set(select_parameters(unet, s)) for s in "xuf")
+    assert x and all(".attn2." in n for n in x)
+    assert f == {n for n, _ in unet.named_parameters()}
+    assert not (x & u)
+    assert not any(n.startswith(("time_embedding.", "conv_out.")) for n in u)
+    assert f - x - u == {n for n in f if n.startswith(("time_embedding.", "conv_out."))}
+    with pytest.raises(UnrelearnError, match="unknown scope"):
+        select_parameters(unet, "z")
+
+
+@pytest.mark.parametrize("variant", ["esd-x-1", "esd-u-1"])
+def test_esd_changes_only_its_scope(tiny_model, variant):
+    before = {n: p.detach().clone() for n, p in tiny_model.unet.named_parameters()}
+    scope = set(select_parameters(tiny_model.unet, variant.split("-")[1]))
+    unlearn(tiny_model, variant, "circle", overrides=FAST_ESD | {"lr": 1e-2}, progress=False)
+    for name, p in tiny_model.unet.named_parameters():
+        changed = not torch.equal(p, before[name])
+        if name not in scope:
+            assert not changed, name
+    assert any(not torch.equal(p, before[n]) for n, p in tiny_model.unet.named_parameters() if n in scope)
+
+
+def test_same_seed_same_weights(minilm, tmp_path):
+    from conftest import tiny_unet
+    from diffusers import DDPMScheduler
+
+    from unrelearn.model import DiffusionModel
+
+    def fresh():
+        scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+        return DiffusionModel(tiny_unet(), *minilm, scheduler, max_length=20, info={"world": "shapes"})
+
+    a, b = fresh(), fresh()
+    unlearn(a, "esd-u-1", "circle", overrides=FAST_ESD | {"seed": 4}, progress=False)
+    unlearn(b, "esd-u-1", "circle", overrides=FAST_ESD | {"seed": 4}, progress=False)
+    for (name, p), q in zip(a.unet.named_parameters(), b.unet.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_bad_requests(tiny_model, tmp_path):
+    with pytest.raises(UnrelearnError, match="closed-form: it takes no --steps"):
+        unlearn(tiny_model, "uce", "circle", overrides={"steps": 10})
+    with pytest.raises(UnrelearnError, match="unknown method 'nope'"):
+        unlearn(tiny_model, "nope", "circle")
+    with pytest.raises(UnrelearnError, match="unknown concept"):
+        unlearn(tiny_model, "uce", "unicorn")
+    with pytest.raises(UnrelearnError, match="has no option bogus"):
+        unlearn(tiny_model, "esd", "circle", overrides={"bogus": 1})
+
+
+def test_unlearn_writes_a_loadable_folder_with_run_record(tiny_model, tmp_path):
+    import json
+
+    from unrelearn.model import DiffusionModel
+
+    record = unlearn(tiny_model, "uce", "striped", out=tmp_path / "uce", progress=False)
+    run = json.loads((tmp_path / "uce" / "run.json").read_text())
+    assert run["method"] == "uce" and run["concept"] == "striped" and "versions" in run and "wall_seconds" in run
+    loaded = DiffusionModel.load(tmp_path / "uce")
+    assert loaded.info["unlearned"] == {"method": "uce", "concept": "striped"}
+    assert record["stats"]["edited_projections"] > 0
