@@ -86,3 +86,18 @@ def test_concepts_lists_prompt_sets():
     result = invoke("concepts", "--concept", "circle")
     assert result.exit_code == 0
     assert "hrm_s (1): a circle" in result.output and "related concepts: ring" in result.output
+
+
+def test_methods_are_listed():
+    result = invoke("methods")
+    assert result.exit_code == 0 and "esd" in result.output and "uce" in result.output
+
+
+def test_unlearn_command(model_folder, tmp_path):
+    result = invoke("unlearn", model_folder, "-m", "uce", "-c", "circle", "--out", tmp_path / "uce")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "uce" / "run.json").is_file() and (tmp_path / "uce" / "unet").is_dir()
+    bad = invoke("unlearn", model_folder, "-m", "uce", "-c", "circle", "--steps", 5, "--out", tmp_path / "x")
+    _assert_one_line_error(bad, "closed-form")
+    _assert_one_line_error(invoke("unlearn", model_folder, "-m", "nope", "-c", "circle", "--out", tmp_path / "y"), "unknown method")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

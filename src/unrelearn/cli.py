@@ -121,6 +121,62 @@ def demo(
     typer.echo(f"report written to {out}/ (report.json, *.png)")
 
 
+@app.command()
+@_friendly
+def methods() -> None:
+    """List the unlearning methods with one-line descriptions."""
+    from unrelearn.methods import method_names, resolve_method
+
+    for name in method_names():
+        cls, _ = resolve_method(name)
+        kind = "closed-form" if cls.closed_form else "optimization"
+        typer.echo(f"{name:8s} {kind:13s} {cls.summary}")
+
+
+def _parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs, values read as JSON where they parse (numbers, true, null)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UnrelearnError(f"option {pair!r} is not of the form key=value")
+        key, value = pair.split("=", 1)
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value
+    return options
+
+
+@app.command("unlearn")
+@_friendly
+def unlearn_command(
+    model: str = typer.Argument("builtin:shapes", help="a model folder, or builtin:NAME"),
+    method: str = typer.Option(..., "--method", "-m", help="e.g. esd-u-1, esd-x-1, uce (see `unrelearn methods`)"),
+    concept: str = typer.Option(..., "--concept", "-c"),
+    out: Path = typer.Option(..., help="model folder to write (with run.json)"),
+    steps: Optional[int] = typer.Option(None, help="optimizer steps (optimization-based methods only)"),
+    seed: Optional[int] = typer.Option(None),
+    option: list[str] = typer.Option([], "--option", "-o", help="a method option as key=value; repeatable"),
+    world: Optional[str] = typer.Option(None),
+) -> None:
+    """Unlearn CONCEPT from MODEL with METHOD and save the result as a model folder."""
+    from unrelearn.assets import load_model
+    from unrelearn.io import ensure_writable_parent
+    from unrelearn.methods import resolve_method, unlearn
+
+    resolve_method(method)
+    ensure_writable_parent(out)
+    overrides = _parse_options(option)
+    if steps is not None:
+        overrides["steps"] = steps
+    if seed is not None:
+        overrides["seed"] = seed
+    loaded = load_model(model)
+    record = unlearn(loaded, method, concept, out=out, overrides=overrides, world_name=world, progress=sys.stderr.isatty())
+    typer.echo(json.dumps({k: record[k] for k in ("method", "concept", "wall_seconds") if k in record}))
+    typer.echo(f"model written to {out}")
+
+
 @app.command("train-base")
 @_friendly
 def train_base_command(
