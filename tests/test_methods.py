@@ -118,3 +118,53 @@ def test_unlearn_writes_a_loadable_folder_with_run_record(tiny_model, tmp_path):
     loaded = DiffusionModel.load(tmp_path / "uce")
     assert loaded.info["unlearned"] == {"method": "uce", "concept": "striped"}
     assert record["stats"]["edited_projections"] > 0
+
+
+def test_rece_adversarial_embedding_minimises_its_objective():
+    from unrelearn.methods.rece import adversarial_embedding
+
+    torch.manual_seed(1)
+    edited = [torch.randn(5, 8, dtype=torch.float64) for _ in range(3)]
+    original = [w + 0.3 * torch.randn_like(w) for w in edited]
+    concept = torch.randn(2, 8, dtype=torch.float64)
+    closed = adversarial_embedding(edited, original, concept, regularizer=0.1)
+
+    def objective(e):
+        return sum(((e @ w.T - concept @ w_star.T) ** 2).sum() for w, w_star in zip(edited, original)) + 0.1 * (e**2).sum()
+
+    e = torch.zeros_like(concept, requires_grad=True)
+    optimizer = torch.optim.LBFGS([e], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-14)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = objective(e)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert torch.allclose(closed, e.detach(), atol=1e-6)
+    assert objective(closed) <= objective(e.detach()) + 1e-9
+
+
+def test_rece_erases_more_than_uce_against_the_adversarial_embedding(tiny_model):
+    from unrelearn.methods.rece import adversarial_embedding
+    from unrelearn.worlds import get_world
+
+    sets = get_world("shapes").concept_sets("circle")
+    projections = cross_attention_projections(tiny_model.unet)
+    original = [m.weight.detach().clone() for m in projections.values()]
+    rece_cls, _ = resolve_method("rece")
+    method = rece_cls(tiny_model, sets, rece_cls.Config(epochs=2))
+    stats = method.apply()
+    residuals = [epoch["adversarial_relative_residual"] for epoch in stats["epochs"]]
+    assert len(residuals) == 2
+    # After the RECE epochs, a fresh adversarial embedding recovers less of the concept than
+    # one computed against the UCE edit alone.
+    uce_cls, _ = resolve_method("uce")
+    forget, _, _ = uce_cls(tiny_model, sets, uce_cls.Config()).embeddings()  # text only: same rows as RECE used
+    edited = [m.weight.detach() for m in projections.values()]
+    final = adversarial_embedding(edited, original, forget, 0.1)
+    final_residual = sum(
+        float((final @ w.T - forget @ w_star.T).norm() / (forget @ w_star.T).norm()) for w, w_star in zip(edited, original)
+    ) / len(edited)
+    assert final_residual > residuals[0]
