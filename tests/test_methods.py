@@ -168,3 +168,88 @@ def test_rece_erases_more_than_uce_against_the_adversarial_embedding(tiny_model)
         float((final @ w.T - forget @ w_star.T).norm() / (forget @ w_star.T).norm()) for w, w_star in zip(edited, original)
     ) / len(edited)
     assert final_residual > residuals[0]
+
+
+FAST = {
+    "esd": {"steps": 2, "batch_size": 2, "ddim_steps": 4},
+    "sdd": {"steps": 2, "batch_size": 2, "ddim_steps": 4},
+    "salun": {"steps": 2, "batch_size": 2, "mask_batches": 1},
+    "ca": {"steps": 2, "batch_size": 2},
+}
+
+
+def test_saliency_mask_keeps_the_requested_fraction():
+    from unrelearn.methods.salun import saliency_mask
+
+    torch.manual_seed(0)
+    gradients = {"a": torch.randn(100, 7), "b": torch.randn(300)}
+    for fraction in (0.1, 0.5, 0.9):
+        mask = saliency_mask(gradients, fraction)
+        kept = sum(m.sum() for m in mask.values()) / 1000
+        assert abs(kept - fraction) < 1e-3
+        smallest_kept = min(g.abs()[m.bool()].min() for g, m in zip(gradients.values(), mask.values()))
+        largest_dropped = max(g.abs()[~m.bool()].max() for g, m in zip(gradients.values(), mask.values()))
+        assert smallest_kept >= largest_dropped
+
+
+def test_salun_trains_only_salient_weights(tiny_model):
+    before = {n: p.detach().clone() for n, p in tiny_model.unet.named_parameters()}
+    cls, _ = resolve_method("salun")
+    from unrelearn.worlds import get_world
+
+    world = get_world("shapes")
+    method = cls(tiny_model, world.concept_sets("circle"), cls.Config(**FAST["salun"], lr=1e-2), world)
+    from unrelearn.training import Trainer
+
+    trainer = Trainer(method.parameters(), method.loss, method.train_config(), progress=False)
+    method.bind(trainer)
+    trainer.run()
+    method.finish()
+    kept = sum(m.sum() for m in method.mask.values()) / sum(m.numel() for m in method.mask.values())
+    assert abs(kept - 0.5) < 0.01
+    for name, p in tiny_model.unet.named_parameters():
+        frozen = method.mask[name] == 0
+        assert torch.equal(p[frozen], before[name][frozen]), name
+    assert any(not torch.equal(p, before[n]) for n, p in tiny_model.unet.named_parameters())
+
+
+@pytest.mark.parametrize("method, scope", [("sdd", "x"), ("ca", "x")])
+def test_method_changes_only_its_scope(tiny_model, method, scope):
+    before = {n: p.detach().clone() for n, p in tiny_model.unet.named_parameters()}
+    allowed = set(select_parameters(tiny_model.unet, scope))
+    unlearn(tiny_model, method, "striped", overrides=FAST[method] | {"lr": 1e-2}, progress=False)
+    changed = {n for n, p in tiny_model.unet.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= allowed
+
+
+def test_sdd_saves_its_ema_teacher(tiny_model):
+    from unrelearn.methods.sdd import SDD
+    from unrelearn.training import Trainer
+    from unrelearn.worlds import get_world
+
+    world = get_world("shapes")
+    method = SDD(tiny_model, world.concept_sets("circle"), SDD.Config(**FAST["sdd"], lr=1e-2, ema_decay=0.5), world)
+    trainer = Trainer(method.parameters(), method.loss, method.train_config(), progress=False)
+    method.bind(trainer)
+    trainer.run()
+    raw = {n: p.detach().clone() for n, p in method.parameters().items()}
+    method.finish()
+    for name, p in method.parameters().items():
+        assert torch.equal(p, trainer.ema[name])
+    assert any(not torch.equal(raw[n], trainer.ema[n]) for n in raw)
+
+
+@pytest.mark.parametrize("method", ["sdd", "salun", "ca"])
+def test_same_seed_same_weights_for_every_method(minilm, method):
+    from conftest import tiny_unet
+    from diffusers import DDPMScheduler
+
+    from unrelearn.model import DiffusionModel
+
+    def run():
+        model = DiffusionModel(tiny_unet(), *minilm, DDPMScheduler(beta_schedule="squaredcos_cap_v2"), max_length=20,
+                               info={"world": "shapes"})  # fmt: skip
+        unlearn(model, method, "circle", overrides=FAST[method] | {"seed": 2}, progress=False)
+        return [p.detach().clone() for p in model.unet.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(), run()))

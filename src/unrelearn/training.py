@@ -37,6 +37,9 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     seed: int = 0
     ema_decay: float | None = None
+    # Ramp the EMA decay up as (1 + step) / (10 + step) early on, so it does not average in
+    # the random initialisation; methods whose EMA starts from a trained model turn it off.
+    ema_warmup: bool = True
     checkpoint_every: int = 0
     momentum: float = 0.0
 
@@ -171,7 +174,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(list(self.params.values()), config.grad_clip)
             self.optimizer.step()
             if self.ema is not None:
-                decay = min(config.ema_decay, (1 + step) / (10 + step))
+                decay = min(config.ema_decay, (1 + step) / (10 + step)) if config.ema_warmup else config.ema_decay
                 with torch.no_grad():
                     for name, p in self.params.items():
                         self.ema[name].lerp_(p.detach(), 1 - decay)

@@ -21,7 +21,8 @@ from unrelearn.errors import UnrelearnError
 from unrelearn.io import ensure_writable_parent, library_versions, write_json_atomic
 from unrelearn.model import DiffusionModel, copy_unet
 from unrelearn.training import TrainConfig, Trainer
-from unrelearn.worlds import ConceptSets, get_world
+from unrelearn.worlds import ConceptSets, World, get_world
+from unrelearn.worlds.base import Caption
 
 # Parameter scopes by diffusers module names (so they hold for SD 1.x/2.x/XL and the
 # embedded UNet alike). "u" follows the original ESD code's "noxattn", which also leaves out
@@ -73,11 +74,24 @@ class Method(ABC):
     # measurement (see docs/).
     embedded_defaults: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, model: DiffusionModel, sets: ConceptSets, config: Any) -> None:
+    def __init__(self, model: DiffusionModel, sets: ConceptSets, config: Any, world: World | None = None) -> None:
         self.model = model
         self.sets = sets
+        self.world = world
         self.config = config
         self._teacher: torch.nn.Module | None = None
+
+    def images(self, captions: list[Caption], generator: torch.Generator) -> torch.Tensor:
+        """Training images for ``captions`` in model space.
+
+        In a procedural world they are ground-truth renders; otherwise (Stable Diffusion) the
+        frozen model generates them, as ESD-style methods do.
+        """
+        if self.world is not None:
+            images, _ = self.world.render(captions, generator)
+            return self.model.images_to_model_space(images)
+        x, _ = self.model.denoise([c.text for c in captions], steps=50, guidance=7.5, generator=generator, unet=self.teacher)
+        return x
 
     @property
     def teacher(self) -> torch.nn.Module:
@@ -92,9 +106,15 @@ class OptimizationMethod(Method):
     def parameters(self) -> dict[str, torch.nn.Parameter]:
         """The parameters this method trains (its scope)."""
 
+    def train_config(self) -> TrainConfig:
+        return self.config.train_config()
+
     @abstractmethod
     def loss(self, step: int, generator: torch.Generator) -> torch.Tensor | dict[str, torch.Tensor]:
         """The loss of one batch; a dict must hold "loss" and may log more terms."""
+
+    def bind(self, trainer: Trainer) -> None:
+        """Called once the trainer exists (SDD reads the trainer's EMA weights)."""
 
     def finish(self) -> None:
         """Called after the last step (SDD saves its EMA teacher here)."""
@@ -158,12 +178,13 @@ def unlearn(
     world_name = world_name or model.world
     if world_name is None:
         raise UnrelearnError("this model names no world; pass --world")
-    sets = get_world(world_name).concept_sets(concept)
+    world = get_world(world_name)
+    sets = world.concept_sets(concept)
     config = build_config(cls, world_name, variant | overrides)
     if out is not None:
         out = Path(out)
         ensure_writable_parent(out)
-    instance = cls(model, sets, config)
+    instance = cls(model, sets, config, world)
     began = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -173,8 +194,9 @@ def unlearn(
     else:
         checkpoints = out.with_name(f"{out.name}.checkpoint") if out is not None else None
         trainer = Trainer(
-            instance.parameters(), instance.loss, config.train_config(), checkpoints, progress, description=method
+            instance.parameters(), instance.loss, instance.train_config(), checkpoints, progress, description=method
         )
+        instance.bind(trainer)
         model.unet.train()
         result = trainer.run(resume=resume)
         model.unet.eval()

@@ -65,6 +65,8 @@ class World(Protocol):
 
     def parse(self, text: str) -> Caption: ...
 
+    def describe(self, attributes: dict[str, str]) -> str: ...
+
 
 _WORLDS: dict[str, Callable[[], World]] = {}
 

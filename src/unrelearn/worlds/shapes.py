@@ -198,6 +198,10 @@ class ShapesWorld:
             return ", ".join(p for p in parts if p)
         return " ".join(w for w in words if w)
 
+    def describe(self, attributes: dict[str, str]) -> str:
+        """The canonical caption of ``attributes`` ("a striped red circle on a dark background")."""
+        return self._describe(attributes, form=0)
+
     @cached_property
     def _vocabulary(self) -> list[tuple[re.Pattern[str], str, str]]:
         entries: list[tuple[str, str, str]] = []
