@@ -105,6 +105,8 @@ def test_bad_requests(tiny_model, tmp_path):
         unlearn(tiny_model, "uce", "unicorn")
     with pytest.raises(UnrelearnError, match="has no option bogus"):
         unlearn(tiny_model, "esd", "circle", overrides={"bogus": 1})
+    with pytest.raises(UnrelearnError, match="EraseDiff target must be"):
+        unlearn(tiny_model, "erasediff", "circle", overrides={"target": "gaussian"})
 
 
 def test_unlearn_writes_a_loadable_folder_with_run_record(tiny_model, tmp_path):
@@ -175,6 +177,7 @@ FAST = {
     "sdd": {"steps": 2, "batch_size": 2, "ddim_steps": 4},
     "salun": {"steps": 2, "batch_size": 2, "mask_batches": 1},
     "ca": {"steps": 2, "batch_size": 2},
+    "erasediff": {"steps": 2, "batch_size": 2},
 }
 
 
@@ -239,7 +242,7 @@ def test_sdd_saves_its_ema_teacher(tiny_model):
     assert any(not torch.equal(raw[n], trainer.ema[n]) for n in raw)
 
 
-@pytest.mark.parametrize("method", ["sdd", "salun", "ca"])
+@pytest.mark.parametrize("method", ["sdd", "salun", "ca", "erasediff"])
 def test_same_seed_same_weights_for_every_method(minilm, method):
     from conftest import tiny_unet
     from diffusers import DDPMScheduler
