@@ -101,3 +101,23 @@ def test_unlearn_command(model_folder, tmp_path):
     _assert_one_line_error(bad, "closed-form")
     _assert_one_line_error(invoke("unlearn", model_folder, "-m", "nope", "-c", "circle", "--out", tmp_path / "y"), "unknown method")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_attack_command_bad_input(model_folder, tmp_path):
+    base = ("attack", model_folder, "-c", "circle", "--threshold", 0.5, "--samples", 2)
+    _assert_one_line_error(invoke(*base, "--data", "laion", "--out", tmp_path / "a", "--steps", 2, "--eval-at", "0,2"),
+                           "unknown attack data 'laion'")  # fmt: skip
+    _assert_one_line_error(invoke(*base, "--data", "hrm-m", "--out", tmp_path / "b", "--steps", 10, "--eval-at", "0,50"),
+                           "only 10 steps")  # fmt: skip
+    _assert_one_line_error(invoke(*base, "--data", tmp_path / "nowhere", "--out", tmp_path / "c", "--steps", 2,
+                                  "--eval-at", "0,2"), "does not exist")  # fmt: skip
+    _assert_one_line_error(invoke("attack", model_folder, "--data", "hrm-m", "--out", tmp_path / "d"), "pass --concept")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_attack_command_runs(model_folder, tmp_path):
+    result = invoke("attack", model_folder, "-c", "circle", "--data", "hrm-s", "--out", tmp_path / "att", "--steps", 2,
+                    "--eval-at", "0,2", "--samples", 2, "--threshold", 0.5, "--mode", "lora", "--batch-size", 2)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    curve = json.loads((tmp_path / "att" / "curve.json").read_text())
+    assert [p["step"] for p in curve["points"]] == [0, 2]

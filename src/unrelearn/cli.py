@@ -177,6 +177,63 @@ def unlearn_command(
     typer.echo(f"model written to {out}")
 
 
+@app.command("attack")
+@_friendly
+def attack_command(
+    model: str = typer.Argument(..., help="the (unlearned) model folder, or builtin:NAME"),
+    data: str = typer.Option(..., help="hrm-s, hrm-m, clean, dimra-retain, dimra-aux, dimra-aux-model, poison:F or a folder"),
+    out: Path = typer.Option(..., help="output folder: curve.json, curve.png, run.json, model/"),
+    concept: Optional[str] = typer.Option(None, "--concept", "-c", help="default: the concept the model unlearned"),
+    steps: int = typer.Option(300),
+    lr: Optional[float] = typer.Option(None, help="default 1e-5 for Stable Diffusion, the world's own for embedded models"),
+    optimizer: str = typer.Option("adam", help="adam, adamw or sgd"),
+    batch_size: Optional[int] = typer.Option(None),
+    mode: str = typer.Option("full", help="full or lora"),
+    lora_rank: int = typer.Option(4),
+    lora_targets: str = typer.Option("to_k,to_q,to_v,to_out.0", help="comma-separated module names for LoRA"),
+    eval_at: str = typer.Option("0,50,100,200,300", help="steps at which to evaluate (0 = before the attack)"),
+    samples: int = typer.Option(64, help="generations per evaluation"),
+    seed: int = typer.Option(0),
+    threshold: Optional[float] = typer.Option(None, help="forget rate that counts as relearned (default: half the reference's)"),
+    reference: Optional[str] = typer.Option(None, help="model whose forget rate sets the threshold (default builtin:WORLD)"),
+    original: Optional[str] = typer.Option(None, help="the original model, for dimra-aux-model data"),
+) -> None:
+    """Fine-tune MODEL as an attacker would and trace whether the concept comes back."""
+    from unrelearn.assets import load_model
+    from unrelearn.attacks import AttackConfig, attack, parse_eval_at
+    from unrelearn.attacks.finetune import EMBEDDED_DEFAULTS
+    from unrelearn.evaluate import EvalConfig, evaluate as run_evaluation
+    from unrelearn.io import ensure_writable_parent
+
+    ensure_writable_parent(out)
+    eval_config = EvalConfig(samples=samples, seed=seed)
+    loaded = load_model(model)
+    concept = concept or (loaded.info.get("unlearned") or {}).get("concept")
+    if concept is None:
+        raise UnrelearnError("this model records no unlearned concept; pass --concept")
+    embedded = loaded.world is not None
+    config = AttackConfig(
+        data=data, steps=steps, optimizer=optimizer, mode=mode, lora_rank=lora_rank, seed=seed,
+        lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
+        lr=lr if lr is not None else (EMBEDDED_DEFAULTS["lr"] if embedded else AttackConfig.lr),
+        batch_size=batch_size or (EMBEDDED_DEFAULTS["batch_size"] if embedded else AttackConfig.batch_size),
+    )  # fmt: skip
+    points = parse_eval_at(eval_at, steps)
+    reference_rate = None
+    if threshold is None:
+        reference_model = load_model(reference or f"builtin:{loaded.world}")
+        reference_rate = run_evaluation(reference_model, concept, eval_config, loaded.world, progress=False).metrics["forget_rate"]
+    original_model = load_model(original) if original else None
+    summary = attack(
+        loaded, concept, config, out, points, eval_config, threshold=threshold, reference_rate=reference_rate,
+        original_model=original_model, progress=sys.stderr.isatty(),
+    )  # fmt: skip
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "points"}))
+    for p in summary["points"]:
+        lo, hi = p["forget_rate_ci"]
+        typer.echo(f"  step {p['step']:>5}: forget {p['forget_rate']:.3f} [{lo:.3f}, {hi:.3f}]  retain {p['retain_alignment']:.3f}  FID {p['fid']:.2f}")
+
+
 @app.command("train-base")
 @_friendly
 def train_base_command(

@@ -89,6 +89,7 @@ class Trainer:
         progress: bool = True,
         description: str = "training",
         on_step: Callable[[int], None] | None = None,
+        on_start: Callable[[int], None] | None = None,
     ) -> None:
         if not params:
             raise UnrelearnError("nothing to train: the parameter selection is empty")
@@ -99,6 +100,9 @@ class Trainer:
         self.progress = progress
         self.description = description
         self.on_step = on_step
+        self.on_start = on_start
+        # JSON-serialisable state of the run's owner (an attack's curve so far), checkpointed too.
+        self.extra_state: dict[str, Any] = {}
         self.optimizer = make_optimizer(list(self.params.values()), config)
         self.ema: dict[str, torch.Tensor] | None = (
             {name: p.detach().clone() for name, p in self.params.items()} if config.ema_decay else None
@@ -116,7 +120,10 @@ class Trainer:
             if tensors:
                 save_file(tensors, str(tmp / "optimizer.safetensors"))
             (tmp / "state.json").write_text(
-                json.dumps({"step": step, "optimizer": scalars, "config": asdict(self.config), "losses": losses})
+                json.dumps(
+                    {"step": step, "optimizer": scalars, "config": asdict(self.config), "losses": losses,
+                     "extra": self.extra_state}
+                )
             )
 
     def load_checkpoint(self) -> tuple[int, list[dict[str, float]]] | None:
@@ -137,6 +144,7 @@ class Trainer:
         optimizer_file = self.checkpoint_dir / "optimizer.safetensors"
         tensors = load_file(str(optimizer_file)) if optimizer_file.is_file() else {}
         self.optimizer.load_state_dict(_unflatten_optimizer_state(tensors, state["optimizer"]))
+        self.extra_state = state.get("extra", {})
         return int(state["step"]), list(state["losses"])
 
     # ------------------------------------------------------------------ loop
@@ -148,6 +156,8 @@ class Trainer:
             start, losses = loaded
             resumed_from = start
         config = self.config
+        if self.on_start is not None:
+            self.on_start(start)
         began = time.perf_counter()
         bar = tqdm(total=config.steps, initial=start, desc=self.description, disable=not self.progress, leave=False)
         last_checkpoint = start if resumed_from is not None else None

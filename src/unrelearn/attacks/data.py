@@ -1,0 +1,195 @@
+"""Attack data sets: finite sets of (image, prompt) pairs an attacker fine-tunes on.
+
+Names (``--data``): ``hrm-s``, ``hrm-m`` (the concept's one / several forget prompts with
+ground-truth images of the concept), ``clean`` (benign unrelated prompts), ``dimra-retain``
+(the leaked retain set), ``dimra-aux`` (fresh same-distribution images of new retain-like
+prompts), ``dimra-aux-model`` (images the *original* model generates from retain prompts),
+``poison:FRACTION`` (clean data with that share of forget pairs mixed in), or the path of a
+folder of images with a ``metadata.jsonl`` (``{"file_name": ..., "text": ...}`` per line, the
+diffusers ImageFolder convention) or a ``prompts.txt`` (one prompt per image, sorted by name).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unrelearn.errors import UnrelearnError
+from unrelearn.worlds import ConceptSets, World
+from unrelearn.worlds.base import Caption
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+@dataclass
+class AttackData:
+    """``images`` (N, 3, H, W) in [0, 1] with one prompt each; ``labels`` hold ground truth where known."""
+
+    name: str
+    images: torch.Tensor
+    prompts: list[str]
+    labels: list[dict[str, str]] | None = None
+
+    def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        picks = torch.randint(len(self.prompts), (size,), generator=generator)
+        return self.images[picks], [self.prompts[i] for i in picks.tolist()]
+
+
+Builder = Callable[[World, ConceptSets, int, torch.Generator, "BuildContext"], tuple[list[Caption], torch.Tensor | None]]
+
+
+@dataclass
+class BuildContext:
+    original_model: object | None = None
+    argument: str | None = None
+
+
+_DATASETS: dict[str, Builder] = {}
+
+
+def register_dataset(name: str) -> Callable[[Builder], Builder]:
+    def decorator(builder: Builder) -> Builder:
+        _DATASETS[name] = builder
+        return builder
+
+    return decorator
+
+
+def dataset_names() -> list[str]:
+    return sorted(_DATASETS) + ["poison:FRACTION", "PATH/TO/FOLDER"]
+
+
+def _repeat(captions: list[Caption], size: int) -> list[Caption]:
+    return [captions[i % len(captions)] for i in range(size)]
+
+
+@register_dataset("hrm-s")
+def _hrm_s(world, sets, size, generator, context):
+    return _repeat(sets.hrm_s, size), None
+
+
+@register_dataset("hrm-m")
+def _hrm_m(world, sets, size, generator, context):
+    return _repeat(sets.hrm_m, size), None
+
+
+@register_dataset("clean")
+def _clean(world, sets, size, generator, context):
+    return _repeat(sets.clean, size), None
+
+
+@register_dataset("dimra-retain")
+def _dimra_retain(world, sets, size, generator, context):
+    return _repeat(sets.retain, size), None
+
+
+@register_dataset("dimra-aux")
+def _dimra_aux(world, sets, size, generator, context):
+    # New prompts of the retain distribution (the concept's attribute set to other values),
+    # phrased afresh, so none is a leaked retain prompt.
+    rng = random.Random(int(torch.randint(2**62, (1,), generator=generator)))
+    others = [v for v in world.attributes[sets.attribute] if v != sets.concept]
+    leaked = {c.text for c in sets.retain}
+    captions: list[Caption] = []
+    while len(captions) < size:
+        labels = world.sample_labels(1, generator, exclude=sets.concept)[0]
+        labels[sets.attribute] = rng.choice(others)
+        text = world.describe(labels)
+        if text not in leaked:
+            captions.append(Caption(text, labels))
+    return captions, None
+
+
+@register_dataset("dimra-aux-model")
+def _dimra_aux_model(world, sets, size, generator, context):
+    if context.original_model is None:
+        raise UnrelearnError("dimra-aux-model needs the original model (--original MODEL)")
+    captions = _repeat(sets.retain, size)
+    seed = int(torch.randint(2**31, (1,), generator=generator))
+    images = context.original_model.sample([c.text for c in captions], seed=seed)
+    return captions, images
+
+
+def _poison(world, sets, size, generator, fraction: float):
+    if not 0 <= fraction <= 1:
+        raise UnrelearnError(f"poison fraction must be between 0 and 1, got {fraction}")
+    n_forget = int(round(fraction * size))
+    return _repeat(sets.hrm_m, n_forget) + _repeat(sets.clean, size - n_forget) if n_forget < size else _repeat(sets.hrm_m, size)
+
+
+def build_attack_data(
+    name: str,
+    world: World,
+    sets: ConceptSets,
+    size: int = 256,
+    seed: int = 0,
+    original_model: object | None = None,
+    resolution: int | None = None,
+) -> AttackData:
+    """The named data set, rendered once (a finite fine-tuning set, as an attacker would have)."""
+    if size < 1:
+        raise UnrelearnError(f"attack data size must be at least 1, got {size}")
+    generator = torch.Generator().manual_seed(seed)
+    images: torch.Tensor | None = None
+    if name.startswith("poison:"):
+        try:
+            fraction = float(name.split(":", 1)[1])
+        except ValueError:
+            raise UnrelearnError(f"poison data must be poison:FRACTION (e.g. poison:0.1), got {name!r}") from None
+        captions = _poison(world, sets, size, generator, fraction)
+    elif name in _DATASETS:
+        captions, images = _DATASETS[name](world, sets, size, generator, BuildContext(original_model))
+    elif "/" in name or Path(name).exists():
+        return load_image_folder(name, resolution)
+    else:
+        raise UnrelearnError(f"unknown attack data {name!r}; choose one of {', '.join(dataset_names())}")
+    labels = None
+    if images is None:
+        images, index = world.render(captions, generator)
+        labels = [{a: world.attributes[a][int(index[a][i])] for a in index} for i in range(len(captions))]
+    return AttackData(name, images, [c.text for c in captions], labels)
+
+
+def load_image_folder(folder: str | Path, resolution: int | None = None) -> AttackData:
+    """A user's images with prompts (``metadata.jsonl`` or ``prompts.txt``)."""
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UnrelearnError(f"attack data folder {str(folder)!r} does not exist")
+    metadata, prompts_file = folder / "metadata.jsonl", folder / "prompts.txt"
+    if metadata.is_file():
+        rows = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
+        try:
+            pairs = [(folder / row["file_name"], str(row["text"])) for row in rows]
+        except KeyError as error:
+            raise UnrelearnError(f"{metadata} rows need 'file_name' and 'text' (missing {error})") from None
+    elif prompts_file.is_file():
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        prompts = [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
+        if len(files) != len(prompts):
+            raise UnrelearnError(f"{folder} has {len(files)} images but prompts.txt has {len(prompts)} prompts")
+        pairs = list(zip(files, prompts))
+    else:
+        raise UnrelearnError(f"attack data folder {str(folder)!r} needs a metadata.jsonl or a prompts.txt")
+    if not pairs:
+        raise UnrelearnError(f"attack data folder {str(folder)!r} holds no images")
+    images = []
+    for path, _ in pairs:
+        try:
+            image = Image.open(path).convert("RGB")
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
+            raise UnrelearnError(f"cannot read image {str(path)!r}: {error}") from None
+        if resolution is not None and image.size != (resolution, resolution):
+            raise UnrelearnError(
+                f"image {path.name} is {image.size[0]}x{image.size[1]} but the model works at "
+                f"{resolution}x{resolution}; resize the images first"
+            )
+        images.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1))
+    return AttackData(str(folder), torch.stack(images), [p for _, p in pairs], None)

@@ -1,0 +1,221 @@
+"""Relearning attacks: fine-tune a model on attack data, full or LoRA, and trace durability.
+
+The attack is the plain diffusion loss ``L_DM`` on the attacker's data, driven by the same
+:class:`~unrelearn.training.Trainer` as unlearning. At each ``eval_at`` step the model is
+evaluated (forget rate with its interval, retain alignment, FID); the points form the
+durability curve, and the first step whose forget rate reaches the threshold is the
+*steps-to-relearn*.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unrelearn.attacks.data import build_attack_data
+from unrelearn.errors import UnrelearnError
+from unrelearn.evaluate import EvalConfig, evaluate
+from unrelearn.io import atomic_directory, ensure_writable_parent, library_versions
+from unrelearn.model import DiffusionModel
+from unrelearn.training import TrainConfig, Trainer
+from unrelearn.worlds import get_world
+
+ADAPTER_NAME = "attack"
+
+
+@dataclass
+class AttackConfig:
+    """An attacker's fine-tuning choices.
+
+    Stable Diffusion defaults follow the Meta-Unlearning paper (Adam, lr 1e-5, up to 300
+    steps). ``EMBEDDED_DEFAULTS`` holds the embedded world's own, chosen by measurement.
+    """
+
+    data: str = "hrm-m"
+    steps: int = 300
+    lr: float = 1e-5
+    optimizer: str = "adam"
+    batch_size: int = 8
+    seed: int = 0
+    mode: str = "full"
+    lora_rank: int = 4
+    lora_targets: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    data_size: int = 256
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("full", "lora"):
+            raise UnrelearnError(f"attack mode must be 'full' or 'lora', got {self.mode!r}")
+        if self.steps < 1:
+            raise UnrelearnError(f"attack steps must be at least 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise UnrelearnError(f"batch size must be at least 1, got {self.batch_size}")
+
+
+EMBEDDED_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "batch_size": 16}
+
+
+def parse_eval_at(text: str | list[int], steps: int) -> list[int]:
+    try:
+        points = sorted({int(p) for p in (text.split(",") if isinstance(text, str) else text) if str(p).strip()})
+    except ValueError:
+        raise UnrelearnError(f"--eval-at must be comma-separated step numbers, got {text!r}") from None
+    if not points:
+        raise UnrelearnError("--eval-at is empty")
+    if points[0] < 0:
+        raise UnrelearnError(f"--eval-at steps must be >= 0, got {points[0]}")
+    if points[-1] > steps:
+        raise UnrelearnError(f"--eval-at asks for step {points[-1]} but the attack runs only {steps} steps; raise --steps")
+    return points
+
+
+def add_lora(unet: torch.nn.Module, config: AttackConfig) -> dict[str, torch.nn.Parameter]:
+    """Stack a fresh peft LoRA adapter on the (unlearned) weights; only it trains."""
+    from peft import LoraConfig
+
+    if ADAPTER_NAME in (getattr(unet, "peft_config", None) or {}):
+        raise UnrelearnError(f"this UNet already carries a LoRA adapter named {ADAPTER_NAME!r}; fuse or remove it first")
+    unet.requires_grad_(False)
+    lora = LoraConfig(
+        r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian", target_modules=config.lora_targets
+    )
+    try:
+        unet.add_adapter(lora, adapter_name=ADAPTER_NAME)
+    except ValueError as error:
+        raise UnrelearnError(f"cannot add the LoRA adapter: {error}") from None
+    return {name: p for name, p in unet.named_parameters() if "lora_" in name and p.requires_grad}
+
+
+def fuse_lora(unet: torch.nn.Module) -> None:
+    """Merge the adapter into the base weights and drop the peft layers (a plain UNet again)."""
+    unet.fuse_lora(adapter_names=[ADAPTER_NAME])
+    unet.unload_lora()
+
+
+def steps_to_relearn(points: list[dict[str, Any]], threshold: float) -> int | None:
+    return next((p["step"] for p in points if p["forget_rate"] >= threshold), None)
+
+
+def attack(
+    model: DiffusionModel,
+    concept: str,
+    config: AttackConfig,
+    out: str | Path,
+    eval_at: list[int],
+    eval_config: EvalConfig,
+    threshold: float | None = None,
+    reference_rate: float | None = None,
+    original_model: DiffusionModel | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune ``model`` on ``config.data``; write ``out/curve.json``, ``curve.png``, ``run.json``, ``model/``."""
+    out = Path(out)
+    ensure_writable_parent(out)
+    if model.world is None:
+        raise UnrelearnError("this model names no world; attacks need a world's prompt sets")
+    world = get_world(model.world)
+    sets = world.concept_sets(concept)
+    eval_at = parse_eval_at(eval_at, config.steps)
+    resolution = model.unet.config.sample_size if model.vae is None else None
+    data = build_attack_data(config.data, world, sets, config.data_size, config.seed, original_model, resolution)
+
+    if config.mode == "lora":
+        params = add_lora(model.unet, config)
+    else:
+        params = dict(model.unet.named_parameters())
+
+    def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
+        images, prompts = data.batch(config.batch_size, generator)
+        return model.diffusion_loss(model.images_to_model_space(images), model.encode_prompts(prompts), generator)
+
+    checkpoints = out.with_name(f"{out.name}.checkpoint")
+    train_config = TrainConfig(
+        steps=config.steps, lr=config.lr, optimizer=config.optimizer, seed=config.seed, grad_clip=None,
+        checkpoint_every=config.checkpoint_every,
+    )  # fmt: skip
+    trainer = Trainer(params, loss_fn, train_config, checkpoints, progress, description=f"attack {config.data}")
+
+    def evaluate_at(step: int) -> None:
+        trainer.extra_state.setdefault("curve", [])
+        if step not in eval_at or any(p["step"] == step for p in trainer.extra_state["curve"]):
+            return
+        result = evaluate(model, concept, eval_config, world.name, progress=False)
+        m = result.metrics
+        trainer.extra_state["curve"].append(
+            {"step": step, **{k: m[k] for k in ("forget_rate", "forget_rate_ci", "retain_alignment", "retain_alignment_ci", "fid")}}
+        )
+
+    trainer.on_step = evaluate_at
+    trainer.on_start = evaluate_at  # step 0 = the model before the attack (skipped on resume)
+    began = time.perf_counter()
+    result = trainer.run()
+    points = sorted(trainer.extra_state["curve"], key=lambda p: p["step"])
+    if config.mode == "lora":
+        fuse_lora(model.unet)
+    if threshold is None:
+        if reference_rate is None:
+            raise UnrelearnError("give a relearning threshold or the base model's forget rate (reference_rate)")
+        threshold = 0.5 * reference_rate
+    summary = {
+        "concept": concept,
+        "data": config.data,
+        "threshold": threshold,
+        "reference_forget_rate": reference_rate,
+        "steps_to_relearn": steps_to_relearn(points, threshold),
+        "max_forget_rate": max(p["forget_rate"] for p in points),
+        "points": points,
+    }
+    record = {
+        "config": asdict(config),
+        "eval": asdict(eval_config),
+        "eval_at": eval_at,
+        "final_losses": result.final_losses(),
+        "resumed_from_step": result.resumed_from,
+        "trained_parameters": sum(p.numel() for p in params.values()),
+        "wall_seconds": time.perf_counter() - began,
+        "versions": library_versions(),
+        "source_model": model.info.get("unlearned"),
+    }
+    model.info["attacked"] = {"data": config.data, "steps": config.steps, "mode": config.mode}
+    with atomic_directory(out) as tmp:
+        model.save(tmp / "model")
+        (tmp / "curve.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / "run.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+        plot_curves({config.data: points}, tmp / "curve.png", threshold, title=f"{concept}: attack with {config.data}")
+    import shutil
+
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return summary
+
+
+def plot_curves(curves: dict[str, list[dict[str, Any]]], path: Path, threshold: float | None, title: str = "") -> None:
+    """Forget rate (with its 95% band) and retain alignment against attack steps, one line per curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_forget, ax_retain) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for label, points in curves.items():
+        steps = [p["step"] for p in points]
+        line = ax_forget.plot(steps, [p["forget_rate"] for p in points], marker="o", label=label)[0]
+        ax_forget.fill_between(
+            steps, [p["forget_rate_ci"][0] for p in points], [p["forget_rate_ci"][1] for p in points],
+            color=line.get_color(), alpha=0.15,
+        )  # fmt: skip
+        ax_retain.plot(steps, [p["retain_alignment"] for p in points], marker="o", color=line.get_color(), label=label)
+    if threshold is not None:
+        ax_forget.axhline(threshold, color="grey", linestyle="--", linewidth=1, label="relearn threshold")
+    ax_forget.set(xlabel="attack steps", ylabel="forget-concept rate", ylim=(0, 1), title="concept regained")
+    ax_retain.set(xlabel="attack steps", ylabel="retain alignment", ylim=(0, 1), title="retained quality")
+    ax_forget.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
