@@ -81,6 +81,28 @@ class Method(ABC):
         self.config = config
         self._teacher: torch.nn.Module | None = None
 
+    def pick(self, pool: list[Caption], generator: torch.Generator) -> list[Caption]:
+        """A batch of ``config.batch_size`` captions drawn with replacement."""
+        picks = torch.randint(len(pool), (self.config.batch_size,), generator=generator).tolist()
+        return [pool[i] for i in picks]
+
+    def retain_loss(self, generator: torch.Generator) -> torch.Tensor:
+        """``L_DM`` on a batch of retain prompts with their images."""
+        captions = self.pick(self.sets.retain, generator)
+        return self.model.diffusion_loss(
+            self.images(captions, generator), self.model.encode_prompts([c.text for c in captions]), generator
+        )
+
+    def sampled_x_t(
+        self, prompts: list[str], generator: torch.Generator, unet: torch.nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x_t`` from ``unet``'s own DDIM sampler, stopped at a random step (ESD, SDD)."""
+        steps = self.config.ddim_steps
+        stop_after = int(torch.randint(1, steps, (1,), generator=generator))
+        return self.model.denoise(
+            prompts, steps=steps, guidance=self.config.sample_guidance, generator=generator, stop_after=stop_after, unet=unet
+        )
+
     def images(self, captions: list[Caption], generator: torch.Generator) -> torch.Tensor:
         """Training images for ``captions`` in model space.
 

@@ -37,9 +37,7 @@ class ConceptAblation(OptimizationMethod):
 
     def loss(self, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         model, config = self.model, self.config
-        pool = self.sets.forget + self.sets.hrm_m
-        picks = torch.randint(len(pool), (config.batch_size,), generator=generator).tolist()
-        forget = [pool[i] for i in picks]
+        forget = self.pick(self.sets.forget + self.sets.hrm_m, generator)
         anchors = [Caption(c.text, {**c.attributes, self.sets.attribute: self.sets.alternative}) for c in forget]
         anchor_texts = [self.world.describe(c.attributes) for c in anchors]
         x0 = self.images(anchors, generator)

@@ -41,13 +41,9 @@ class EraseDiff(OptimizationMethod):
     def parameters(self) -> dict[str, torch.nn.Parameter]:
         return dict(self.model.unet.named_parameters())
 
-    def _batch(self, pool: list[Caption], generator: torch.Generator) -> list[Caption]:
-        picks = torch.randint(len(pool), (self.config.batch_size,), generator=generator).tolist()
-        return [pool[i] for i in picks]
-
     def loss(self, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         model, config = self.model, self.config
-        forget_captions = self._batch(self.sets.forget + self.sets.hrm_m, generator)
+        forget_captions = self.pick(self.sets.forget + self.sets.hrm_m, generator)
         context = model.encode_prompts([c.text for c in forget_captions])
         if config.target == "alternative":
             swapped = [Caption(c.text, {**c.attributes, self.sets.attribute: self.sets.alternative}) for c in forget_captions]
@@ -59,8 +55,5 @@ class EraseDiff(OptimizationMethod):
             uniform = torch.rand(x0.shape, generator=generator).to(x0.device)
             prediction = model.predict_noise(model.scheduler.add_noise(x0, noise, t), t, context)
             forget = torch.nn.functional.mse_loss(prediction, uniform)
-        retain_captions = self._batch(self.sets.retain, generator)
-        retain = model.diffusion_loss(
-            self.images(retain_captions, generator), model.encode_prompts([c.text for c in retain_captions]), generator
-        )
+        retain = self.retain_loss(generator)
         return {"loss": retain + config.forget_weight * forget, "forget": forget, "retain": retain}

@@ -54,13 +54,8 @@ class ESD(OptimizationMethod):
 
     def loss(self, step: int, generator: torch.Generator) -> torch.Tensor:
         config, model = self.config, self.model
-        picks = torch.randint(len(self.sets.forget), (config.batch_size,), generator=generator).tolist()
-        prompts = [self.sets.forget[i].text for i in picks]
-        stop_after = int(torch.randint(1, config.ddim_steps, (1,), generator=generator))
-        x_t, t = model.denoise(
-            prompts, steps=config.ddim_steps, guidance=config.sample_guidance, generator=generator,
-            stop_after=stop_after, unet=self.teacher,
-        )  # fmt: skip
+        prompts = [c.text for c in self.pick(self.sets.forget, generator)]
+        x_t, t = self.sampled_x_t(prompts, generator, self.teacher)
         context = model.encode_prompts(prompts)
         uncond = model.encode_prompts([""] * len(prompts))
         with torch.no_grad():

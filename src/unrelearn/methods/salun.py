@@ -51,9 +51,7 @@ class SalUn(OptimizationMethod):
         return Caption(caption.text, attributes)
 
     def _forget_batch(self, generator: torch.Generator, relabel: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        pool = self.sets.forget + self.sets.hrm_m
-        picks = torch.randint(len(pool), (self.config.batch_size,), generator=generator).tolist()
-        captions = [pool[i] for i in picks]
+        captions = self.pick(self.sets.forget + self.sets.hrm_m, generator)
         image_captions = [self._alternative(c) for c in captions] if relabel else captions
         return self.images(image_captions, generator), self.model.encode_prompts([c.text for c in captions])
 
@@ -80,11 +78,7 @@ class SalUn(OptimizationMethod):
         model = self.model
         x0, context = self._forget_batch(generator, relabel=True)
         forget = model.diffusion_loss(x0, context, generator)
-        picks = torch.randint(len(self.sets.retain), (self.config.batch_size,), generator=generator).tolist()
-        retain_captions = [self.sets.retain[i] for i in picks]
-        retain = model.diffusion_loss(
-            self.images(retain_captions, generator), model.encode_prompts([c.text for c in retain_captions]), generator
-        )
+        retain = self.retain_loss(generator)
         return {"loss": forget + self.config.retain_weight * retain, "forget": forget, "retain": retain}
 
     def finish(self) -> None:

@@ -57,15 +57,10 @@ class SDD(OptimizationMethod):
                 ema_params[name].copy_(value)
 
     def loss(self, step: int, generator: torch.Generator) -> torch.Tensor:
-        config, model = self.config, self.model
+        model = self.model
         self._sync_teacher()
-        picks = torch.randint(len(self.sets.forget), (config.batch_size,), generator=generator).tolist()
-        prompts = [self.sets.forget[i].text for i in picks]
-        stop_after = int(torch.randint(1, config.ddim_steps, (1,), generator=generator))
-        x_t, t = model.denoise(
-            prompts, steps=config.ddim_steps, guidance=config.sample_guidance, generator=generator,
-            stop_after=stop_after, unet=self.ema_unet,
-        )  # fmt: skip
+        prompts = [c.text for c in self.pick(self.sets.forget, generator)]
+        x_t, t = self.sampled_x_t(prompts, generator, self.ema_unet)
         with torch.no_grad():
             target = model.predict_noise(x_t, t, model.encode_prompts([""] * len(prompts)), self.ema_unet)
         return torch.nn.functional.mse_loss(model.predict_noise(x_t, t, model.encode_prompts(prompts)), target)
