@@ -25,3 +25,15 @@ def test_augmentation_keeps_range_and_changes_images():
     augmented = augment(images, torch.Generator().manual_seed(1))
     assert augmented.shape == images.shape and augmented.min() >= 0 and augmented.max() <= 1
     assert (augmented - images).abs().mean() > 0.005
+
+
+def test_stated_attribute_accuracy_counts_only_stated_attributes():
+    from unrelearn.metrics import stated_attribute_accuracy
+    from unrelearn.worlds.base import Caption
+
+    world = get_world("shapes")
+    captions = [Caption("a circle", {"shape": "circle"}), Caption("a red ring", {"shape": "ring", "colour": "red"})] * 10
+    images, _ = world.render(captions, torch.Generator().manual_seed(0))
+    result = stated_attribute_accuracy(load_detector("shapes"), images, captions)
+    assert result["shape"]["stated"] == 20 and result["colour"]["stated"] == 10 and "texture" not in result
+    assert result["shape"]["accuracy"] >= 0.95 and result["colour"]["accuracy"] == 1.0

@@ -45,7 +45,7 @@ class Evaluation:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _cycle(captions: list[Caption], n: int) -> list[Caption]:
+def cycle_captions(captions: list[Caption], n: int) -> list[Caption]:
     return list(itertools.islice(itertools.cycle(captions), n))
 
 
@@ -74,8 +74,8 @@ def evaluate(
     world = get_world(world_name)
     sets = world.concept_sets(concept)
     detector = detector or load_detector(world_name)
-    forget = _cycle(sets.evaluation, config.samples)
-    retain = _cycle(sets.retain, config.samples)
+    forget = cycle_captions(sets.evaluation, config.samples)
+    retain = cycle_captions(sets.retain, config.samples)
 
     began = time.perf_counter()
     bar = tqdm(total=2 * config.samples, desc=f"sampling ({concept})", disable=not progress, leave=False)

@@ -52,6 +52,19 @@ def alignment_flags(
     return flags, {a: float(np.mean(v)) for a, v in per_attribute.items()}
 
 
+def stated_attribute_accuracy(
+    detector: ConceptDetector, images: torch.Tensor, captions: Sequence[Caption]
+) -> dict[str, dict[str, float]]:
+    """Per attribute, over the captions that state it: share of images showing the stated value."""
+    predicted = detector.predict(images)
+    out: dict[str, dict[str, float]] = {}
+    for attribute in detector.attributes:
+        hits = [predicted[attribute][i] == c.attributes[attribute] for i, c in enumerate(captions) if attribute in c.attributes]
+        if hits:
+            out[attribute] = {"accuracy": float(np.mean(hits)), "stated": len(hits)}
+    return out
+
+
 def detector_fid(detector: ConceptDetector, real: torch.Tensor, fake: torch.Tensor) -> float:
     """Frechet distance between detector penultimate features (torchmetrics' FID)."""
     if len(real) < 2 or len(fake) < 2:

@@ -1,0 +1,75 @@
+"""Issue 4's experiment: do unlearned models relearn under fine-tuning, compared with the oracle?
+
+Attacks every model (the base model, ESD-unlearned models, the exact-unlearning oracle trained
+without the concept) with every attack data set, evaluating at the same steps, and writes the
+curves (one PNG per attack) and a table of forget rates and steps-to-relearn.
+
+    python benchmarks/durability.py --oracle runs/oracle-circle [--concept circle] \
+        [--methods esd-u-1] [--attacks hrm-m,dimra-aux] [--steps 300] [--eval-at 0,50,100,200,300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from unrelearn.assets import load_model
+from unrelearn.attacks import AttackConfig, attack, parse_eval_at, plot_curves
+from unrelearn.attacks.finetune import EMBEDDED_DEFAULTS
+from unrelearn.evaluate import EvalConfig, evaluate
+from unrelearn.methods import unlearn
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="builtin:shapes")
+    parser.add_argument("--oracle", default=None, help="model folder trained with --exclude CONCEPT")
+    parser.add_argument("--concept", default="circle")
+    parser.add_argument("--methods", default="esd-u-1")
+    parser.add_argument("--attacks", default="hrm-m,dimra-aux")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--eval-at", default="0,50,100,200,300")
+    parser.add_argument("--lr", type=float, default=EMBEDDED_DEFAULTS["lr"])
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=Path("runs/durability"))
+    parser.add_argument("--out", type=Path, default=Path("docs/durability"))
+    args = parser.parse_args()
+
+    eval_config = EvalConfig(samples=args.samples, seed=args.seed)
+    eval_at = parse_eval_at(args.eval_at, args.steps)
+    reference = evaluate(load_model(args.model), args.concept, eval_config, progress=False).metrics["forget_rate"]
+    threshold = 0.5 * reference
+
+    contenders: dict[str, str] = {"base": args.model}
+    for method in args.methods.split(","):
+        folder = args.work / f"{method}-{args.concept}"
+        if not (folder / "model_index.json").is_file():
+            unlearn(load_model(args.model), method, args.concept, out=folder, overrides={"seed": args.seed}, progress=False)
+        contenders[method] = str(folder)
+    if args.oracle:
+        contenders["oracle"] = args.oracle
+
+    table = {"concept": args.concept, "reference_forget_rate": reference, "threshold": threshold, "runs": {}}
+    for data in args.attacks.split(","):
+        curves = {}
+        for name, path in contenders.items():
+            config = AttackConfig(data=data, steps=args.steps, lr=args.lr, batch_size=EMBEDDED_DEFAULTS["batch_size"], seed=args.seed)
+            summary = attack(load_model(path), args.concept, config, args.work / f"attack-{name}-{data}", eval_at, eval_config,
+                             threshold=threshold, progress=False)  # fmt: skip
+            curves[name] = summary["points"]
+            table["runs"][f"{name}/{data}"] = summary
+            rates = " ".join(f"{p['step']}:{p['forget_rate']:.2f}" for p in summary["points"])
+            print(f"{name:10s} {data:12s} steps-to-relearn={summary['steps_to_relearn']}  {rates}", flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot_curves(curves, args.out / f"{args.concept}-{data}.png", threshold, title=f"{args.concept}: attack with {data}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.concept}.json").write_text(json.dumps(table, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+    main()
+    print(f"total {time.perf_counter() - t0:.0f} s")
