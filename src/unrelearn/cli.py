@@ -110,15 +110,19 @@ def _write_evaluation(out: Path, result: Any) -> None:
 def demo(
     out: Path = typer.Option(Path("unrelearn-demo"), help="report folder"),
     concept: str = typer.Option("circle", "--concept", "-c"),
-    samples: int = typer.Option(64),
+    samples: int = typer.Option(64, help="generations per evaluation"),
     seed: int = typer.Option(0),
+    method: str = typer.Option("esd-u-1", "--method", "-m"),
+    unlearn_steps: Optional[int] = typer.Option(None, help="default: the method's embedded default"),
+    attack_steps: int = typer.Option(100),
 ) -> None:
-    """The main job on the embedded default: evaluate the shipped model and write a report."""
+    """The main job on the embedded default: evaluate, unlearn with ESD, attack, report."""
     from unrelearn.demo import run_demo
 
-    report = run_demo(out, concept=concept, samples=samples, seed=seed, progress=sys.stderr.isatty())
+    report = run_demo(out, concept=concept, samples=samples, seed=seed, method=method, unlearn_steps=unlearn_steps,
+                      attack_steps=attack_steps, progress=sys.stderr.isatty())  # fmt: skip
     typer.echo(json.dumps(report["summary"], indent=2))
-    typer.echo(f"report written to {out}/ (report.json, *.png)")
+    typer.echo(f"report written to {out}/ (report.json, image grids, attack curve)")
 
 
 @app.command()
