@@ -20,7 +20,7 @@ def save_grid(images: torch.Tensor, labels: Sequence[str], path: str | Path, col
     path = Path(path)
     n = len(images)
     rows = max(1, -(-n // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.5, rows * 1.75), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.5, rows * 2.0), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, label in zip(axes.flat, images, labels):
