@@ -58,7 +58,12 @@ class BaseTrainingConfig:
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 200
+    # Min-SNR-gamma weighting speeds up learning the image content but, with epsilon
+    # prediction, nearly ignores low-noise steps (weight gamma/SNR), leaving grainy samples;
+    # so it is used for the first snr_gamma_steps only, then the plain loss at a lower lr.
     snr_gamma: float = 5.0
+    snr_gamma_steps: int = 2300
+    final_lr_factor: float = 0.5
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     seed: int = 0
@@ -88,7 +93,8 @@ def train_base(out: str | Path, config: BaseTrainingConfig, progress: bool = Tru
         drop = torch.rand(len(captions), generator=generator) < config.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         return model.diffusion_loss(
-            model.images_to_model_space(images), model.encode_prompts(captions), generator, snr_gamma=config.snr_gamma
+            model.images_to_model_space(images), model.encode_prompts(captions), generator,
+            snr_gamma=config.snr_gamma if step < config.snr_gamma_steps else None,
         )
 
     train_config = TrainConfig(
@@ -98,6 +104,8 @@ def train_base(out: str | Path, config: BaseTrainingConfig, progress: bool = Tru
         ema_decay=config.ema_decay,
         seed=config.seed,
         checkpoint_every=config.checkpoint_every,
+        lr_drop_step=config.snr_gamma_steps,
+        lr_drop_factor=config.final_lr_factor,
     )
     checkpoints = checkpoint_folder(out)
     trainer = Trainer(

@@ -42,6 +42,9 @@ class TrainConfig:
     ema_warmup: bool = True
     checkpoint_every: int = 0
     momentum: float = 0.0
+    # One step decay: from ``lr_drop_step`` on, the learning rate is ``lr * lr_drop_factor``.
+    lr_drop_step: int | None = None
+    lr_drop_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -163,6 +166,8 @@ class Trainer:
         last_checkpoint = start if resumed_from is not None else None
         for step in range(start, config.steps):
             lr = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
+            if config.lr_drop_step is not None and step >= config.lr_drop_step:
+                lr *= config.lr_drop_factor
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             out = self.loss_fn(step, step_generator(config.seed, step))
