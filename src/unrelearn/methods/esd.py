@@ -42,7 +42,7 @@ class ESD(OptimizationMethod):
     name = "esd"
     summary = "ESD: steer eps(x_t, c) to negatively guided frozen predictions (variants esd-{x,u,f}-{eta})"
     Config = ESDConfig
-    embedded_defaults = {"steps": 200, "lr": 1e-4, "batch_size": 8, "ddim_steps": 25}
+    embedded_defaults = {"steps": 200, "lr": 1e-4, "batch_size": 8, "ddim_steps": 10}
 
     @staticmethod
     def parse_variant(name: str) -> dict | None:
