@@ -22,3 +22,11 @@ def test_train_base_is_reproducible(tmp_path):
     a = train_base(tmp_path / "a", config, progress=False).unet.state_dict()
     b = train_base(tmp_path / "b", config, progress=False).unet.state_dict()
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_warm_start_from_another_model(tmp_path):
+    first = train_base(tmp_path / "first", BaseTrainingConfig(steps=1, batch_size=2, warmup_steps=1), progress=False)
+    config = BaseTrainingConfig(steps=1, batch_size=2, warmup_steps=1, lr=0.0, init=str(tmp_path / "first"), seed=5)
+    second = train_base(tmp_path / "second", config, progress=False)
+    assert second.info["initialised_from"] == str(tmp_path / "first")
+    assert all(torch.equal(a, b) for a, b in zip(first.unet.parameters(), second.unet.parameters()))

@@ -69,6 +69,9 @@ class BaseTrainingConfig:
     seed: int = 0
     exclude: str | None = None
     checkpoint_every: int = 250
+    # Warm start: continue from another model's UNet weights (e.g. builtin:shapes) instead of
+    # a random initialisation. The optimizer state starts fresh.
+    init: str | None = None
 
 
 def checkpoint_folder(out: Path) -> Path:
@@ -85,6 +88,15 @@ def train_base(out: str | Path, config: BaseTrainingConfig, progress: bool = Tru
     if config.batch_size < 1:
         raise UnrelearnError(f"batch size must be at least 1, got {config.batch_size}")
     model = new_world_model(world, config.seed)
+    if config.init is not None:
+        from unrelearn.assets import load_model
+
+        source = load_model(config.init)
+        try:
+            model.unet.load_state_dict(source.unet.state_dict())
+        except RuntimeError:
+            raise UnrelearnError(f"--init {config.init}: its UNet has another architecture than this world's") from None
+        model.info["initialised_from"] = config.init
     if config.exclude:
         model.info["excluded_concept"] = config.exclude
 

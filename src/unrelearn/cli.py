@@ -249,13 +249,14 @@ def train_base_command(
     seed: int = typer.Option(0),
     exclude: Optional[str] = typer.Option(None, help="train without this concept: the exact-unlearning oracle"),
     checkpoint_every: int = typer.Option(100),
+    init: Optional[str] = typer.Option(None, help="warm start from this model's UNet (e.g. builtin:shapes)"),
 ) -> None:
     """Train a world's diffusion model from scratch (resumes from OUT.checkpoint if present)."""
     from unrelearn.base import BaseTrainingConfig, train_base
 
     config = BaseTrainingConfig(
         world=world, steps=steps, batch_size=batch_size, lr=lr, seed=seed, exclude=exclude,
-        checkpoint_every=checkpoint_every,
+        checkpoint_every=checkpoint_every, init=init,
     )  # fmt: skip
     train_base(out, config, progress=sys.stderr.isatty())
     typer.echo(f"model written to {out}")
