@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from unrelearn.errors import UnrelearnError
-from unrelearn.io import atomic_directory, write_json_atomic
+from unrelearn.io import atomic_directory
 
 LossFn = Callable[[int, torch.Generator], "torch.Tensor | Mapping[str, torch.Tensor]"]
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -233,6 +233,3 @@ def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], scalars: dict[s
         state.setdefault(int(index), {})[name] = value
     return {"state": state, "param_groups": scalars["param_groups"]}
 
-
-def record_run(folder: str | Path, payload: dict[str, Any], name: str = "run.json") -> None:
-    write_json_atomic(Path(folder) / name, payload)
