@@ -69,24 +69,16 @@ def _repeat(captions: list[Caption], size: int) -> list[Caption]:
     return [captions[i % len(captions)] for i in range(size)]
 
 
-@register_dataset("hrm-s")
-def _hrm_s(world, sets, size, generator, context):
-    return _repeat(sets.hrm_s, size), None
+def _prompt_set(field: str) -> Builder:
+    def build(world, sets, size, generator, context):
+        return _repeat(getattr(sets, field), size), None
+
+    return build
 
 
-@register_dataset("hrm-m")
-def _hrm_m(world, sets, size, generator, context):
-    return _repeat(sets.hrm_m, size), None
-
-
-@register_dataset("clean")
-def _clean(world, sets, size, generator, context):
-    return _repeat(sets.clean, size), None
-
-
-@register_dataset("dimra-retain")
-def _dimra_retain(world, sets, size, generator, context):
-    return _repeat(sets.retain, size), None
+# Data sets that are one of the concept's prompt sets with ground-truth images.
+for _name, _field in {"hrm-s": "hrm_s", "hrm-m": "hrm_m", "clean": "clean", "dimra-retain": "retain"}.items():
+    register_dataset(_name)(_prompt_set(_field))
 
 
 @register_dataset("dimra-aux")

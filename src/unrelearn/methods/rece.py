@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from unrelearn.methods.base import ClosedFormMethod, register_method
-from unrelearn.methods.uce import UCE, UCEConfig, cross_attention_projections, uce_solve
+from unrelearn.methods.uce import UCE, UCEConfig, cross_attention_projections
 
 
 def adversarial_embedding(
@@ -61,11 +61,6 @@ class RECE(ClosedFormMethod):
                     float((adversarial @ w.T - forget @ w_star.T).norm() / (forget @ w_star.T).norm())
                     for w, w_star in zip(edited, original)
                 ) / len(edited)
-                for module, w in zip(projections.values(), edited):
-                    new = uce_solve(
-                        w, adversarial, guide @ w.T, preserve, preserve @ w.T,
-                        config.erase_scale, config.adversarial_preserve_scale, config.lam,
-                    )  # fmt: skip
-                    module.weight.copy_(new.to(module.weight.device))
+                uce.edit(adversarial, guide, preserve, preserve_scale=config.adversarial_preserve_scale)
                 stats["epochs"].append({"adversarial_relative_residual": recovered})
         return stats

@@ -75,7 +75,14 @@ class UCE(ClosedFormMethod):
     def apply(self) -> dict:
         return self.edit(*self.embeddings())
 
-    def edit(self, forget: torch.Tensor, guide: torch.Tensor, preserve: torch.Tensor) -> dict:
+    def edit(
+        self, forget: torch.Tensor, guide: torch.Tensor, preserve: torch.Tensor, preserve_scale: float | None = None
+    ) -> dict:
+        """Map ``forget`` rows to what the current weights give ``guide`` rows, keeping ``preserve``.
+
+        The current weights are the anchor ``W*``; RECE calls this once per epoch with its
+        adversarial rows and its own preserve scale.
+        """
         config = self.config
         projections = cross_attention_projections(self.model.unet)
         moved = 0.0
@@ -83,8 +90,8 @@ class UCE(ClosedFormMethod):
             for module in projections.values():
                 original = module.weight.detach().cpu()
                 new = uce_solve(
-                    original, forget, guide @ original.T, preserve, preserve @ original.T,
-                    config.erase_scale, config.preserve_scale, config.lam,
+                    original, forget, guide @ original.T, preserve, preserve @ original.T, config.erase_scale,
+                    config.preserve_scale if preserve_scale is None else preserve_scale, config.lam,
                 )  # fmt: skip
                 moved += float((new - original).norm() / original.norm())
                 module.weight.copy_(new.to(module.weight.device))
