@@ -24,9 +24,12 @@ def test_evaluation_is_deterministic(base):
 
 
 def test_base_model_generates_what_it_is_asked_for(base):
-    # Floors well above chance (1/6 for a shape, 1/5 for a colour, 1/90 for shape+colour+texture)
-    # and below what the shipped model measures (README); raise them as the model improves.
+    # The shipped model measures forget rate 1.0 and alignment 0.91 on these 32 samples (0.98
+    # and 0.92 on 128, README); the floors leave room for other CPUs' rounding, far above chance
+    # (1/6 for a shape, 1/90 for shape + colour + texture).
     metrics = evaluate(base, "circle", EvalConfig(samples=32, seed=0), progress=False).metrics
-    assert metrics["forget_rate"] >= 0.5, metrics
-    assert metrics["retain_attribute_accuracy"]["colour"] >= 0.8, metrics
-    assert metrics["retain_alignment"] >= 0.12, metrics
+    assert metrics["protocol"]["guidance"] == base.guidance == 1.5
+    assert metrics["forget_rate"] >= 0.8, metrics
+    for attribute in ("shape", "colour", "texture"):
+        assert metrics["retain_attribute_accuracy"][attribute] >= 0.8, metrics
+    assert metrics["retain_alignment"] >= 0.75, metrics

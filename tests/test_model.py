@@ -58,6 +58,16 @@ def test_save_load_round_trip(tiny_model, tmp_path):
     assert torch.equal(tiny_model.sample(prompts, steps=2), loaded.sample(prompts, steps=2))
 
 
+def test_sampling_guidance_defaults_to_the_models_own(tiny_model, tmp_path):
+    assert tiny_model.guidance == 7.5  # nothing recorded: the Stable Diffusion convention
+    tiny_model.info["guidance"] = 1.5
+    loaded = DiffusionModel.load(tiny_model.save(tmp_path / "model"))
+    assert loaded.guidance == 1.5
+    prompts = ["a striped ring"]
+    assert torch.equal(loaded.sample(prompts, steps=2), loaded.sample(prompts, steps=2, guidance=1.5))
+    assert not torch.equal(loaded.sample(prompts, steps=2), loaded.sample(prompts, steps=2, guidance=7.5))
+
+
 @pytest.mark.parametrize(
     "remove, message",
     [

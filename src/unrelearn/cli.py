@@ -60,7 +60,7 @@ def evaluate(
     samples: int = typer.Option(128, help="generations per prompt set"),
     seed: int = typer.Option(0),
     steps: int = typer.Option(25, help="DDIM sampling steps"),
-    guidance: float = typer.Option(4.0, help="classifier-free guidance scale"),
+    guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale (default: the model's own)"),
     world: Optional[str] = typer.Option(None, help="the world to evaluate in (default: the model's)"),
     out: Optional[Path] = typer.Option(None, help="also write metrics.json and image grids here"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,7 +25,8 @@ class EvalConfig:
     samples: int = 128
     seed: int = 0
     steps: int = 25
-    guidance: float = 4.0
+    # None: the model's own scale (DiffusionModel.guidance: 1.5 for shapes, 7.5 for SD).
+    guidance: float | None = None
     batch_size: int = 128
 
     def __post_init__(self) -> None:
@@ -77,6 +78,7 @@ def evaluate(
     forget = cycle_captions(sets.evaluation, config.samples)
     retain = cycle_captions(sets.retain, config.samples)
 
+    config = replace(config, guidance=model.guidance if config.guidance is None else config.guidance)
     began = time.perf_counter()
     bar = tqdm(total=2 * config.samples, desc=f"sampling ({concept})", disable=not progress, leave=False)
     sample = dict(steps=config.steps, guidance=config.guidance, batch_size=config.batch_size, on_batch=bar.update)
