@@ -44,6 +44,7 @@ def main() -> None:
         "model": args.model,
         "samples_per_set": args.samples,
         "seed": args.seed,
+        "sampler": {"steps": 25, "guidance": model.guidance},
         "sets": results,
         "wall_seconds": time.perf_counter() - began,
     }
