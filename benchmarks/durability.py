@@ -2,7 +2,9 @@
 
 Attacks every model (the base model, ESD-unlearned models, the exact-unlearning oracle trained
 without the concept) with every attack data set, evaluating at the same steps, and writes the
-curves (one PNG per attack) and a table of forget rates and steps-to-relearn.
+curves (one PNG per attack) and a table of forget rates and steps-to-relearn. Finished attacks
+(a ``curve.json`` under ``--work``) are reused, so the benchmark can be run in parts (for
+example before the oracle has finished training) and rerun to fill in the rest.
 
     python benchmarks/durability.py --oracle runs/oracle-circle [--concept circle] \
         [--methods esd-u-1] [--attacks hrm-m,dimra-aux] [--steps 300] [--eval-at 0,50,100,200,300]
@@ -52,21 +54,28 @@ def main() -> None:
     if args.oracle:
         contenders["oracle"] = args.oracle
 
-    table = {"concept": args.concept, "reference_forget_rate": reference, "threshold": threshold, "runs": {}}
+    table = {
+        "concept": args.concept, "reference_forget_rate": reference, "threshold": threshold,
+        "attack": {"steps": args.steps, "lr": args.lr, "batch_size": EMBEDDED_DEFAULTS["batch_size"], "eval_samples": args.samples},
+        "runs": {},
+    }  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
     for data in args.attacks.split(","):
         curves = {}
         for name, path in contenders.items():
-            config = AttackConfig(data=data, steps=args.steps, lr=args.lr, batch_size=EMBEDDED_DEFAULTS["batch_size"], seed=args.seed)
-            summary = attack(load_model(path), args.concept, config, args.work / f"attack-{name}-{data}", eval_at, eval_config,
-                             threshold=threshold, progress=False)  # fmt: skip
+            folder = args.work / f"attack-{name}-{data}"
+            if (folder / "curve.json").is_file():
+                summary = json.loads((folder / "curve.json").read_text())
+            else:
+                config = AttackConfig(data=data, steps=args.steps, lr=args.lr, batch_size=EMBEDDED_DEFAULTS["batch_size"], seed=args.seed)
+                summary = attack(load_model(path), args.concept, config, folder, eval_at, eval_config, threshold=threshold,
+                                 progress=False)  # fmt: skip
             curves[name] = summary["points"]
             table["runs"][f"{name}/{data}"] = summary
             rates = " ".join(f"{p['step']}:{p['forget_rate']:.2f}" for p in summary["points"])
             print(f"{name:10s} {data:12s} steps-to-relearn={summary['steps_to_relearn']}  {rates}", flush=True)
-        args.out.mkdir(parents=True, exist_ok=True)
-        plot_curves(curves, args.out / f"{args.concept}-{data}.png", threshold, title=f"{args.concept}: attack with {data}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.concept}.json").write_text(json.dumps(table, indent=2) + "\n")
+            plot_curves(curves, args.out / f"{args.concept}-{data}.png", threshold, title=f"{args.concept}: attack with {data}")
+            (args.out / f"{args.concept}.json").write_text(json.dumps(table, indent=2) + "\n")
 
 
 if __name__ == "__main__":

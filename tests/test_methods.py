@@ -47,6 +47,26 @@ def test_esd_target_is_negative_guidance():
     assert torch.equal(esd_target(eps_uncond, eps_concept, 3.0), eps_uncond - 3 * (eps_concept - eps_uncond))
 
 
+@pytest.mark.parametrize("x_t_from", ["frozen", "trained"])
+def test_esd_samples_x_t_with_the_network_it_names(tiny_model, x_t_from):
+    from unrelearn.worlds import get_world
+
+    cls, _ = resolve_method("esd")
+    method = cls(tiny_model, get_world("shapes").concept_sets("circle"), cls.Config(batch_size=1, ddim_steps=3, x_t_from=x_t_from))
+    used = []
+    original = method.sampled_x_t
+    method.sampled_x_t = lambda prompts, generator, unet: used.append(unet) or original(prompts, generator, unet)
+    method.loss(0, torch.Generator().manual_seed(0))
+    assert used == [method.teacher if x_t_from == "frozen" else tiny_model.unet]
+    assert method.teacher is not tiny_model.unet
+
+
+def test_esd_rejects_an_unknown_x_t_source(tiny_model, tmp_path):
+    with pytest.raises(UnrelearnError, match="x_t_from must be 'frozen' or 'trained'"):
+        unlearn(tiny_model, "esd-u-1", "circle", out=tmp_path / "esd", overrides={**FAST_ESD, "x_t_from": "ema"})
+    assert not (tmp_path / "esd").exists()
+
+
 def test_variant_names():
     assert resolve_method("esd-u-1")[1] == {"scope": "u", "eta": 1.0}
     assert resolve_method("esd-f-3")[1] == {"scope": "f", "eta": 3.0}

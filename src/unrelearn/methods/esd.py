@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from unrelearn.errors import UnrelearnError
 from unrelearn.methods.base import OptimizationConfig, OptimizationMethod, register_method, select_parameters
 
 
@@ -23,12 +24,22 @@ class ESDConfig(OptimizationConfig):
     guidance; ``ddim_steps`` / ``sample_guidance``: the frozen model's sampler that produces
     ``x_t`` (stopped at a random step). Paper: 1000 steps, Adam, lr 1e-5, batch 1, DDIM 50,
     guidance 3.
+
+    ``x_t_from``: which network samples ``x_t``. ``"frozen"`` (default) is theta*, as the
+    paper and METHODS.md describe; ``"trained"`` is the network being fine-tuned, as the
+    original code does (``quick_sample_till_t`` calls the ESD model, not ``model_orig``).
+    The targets always come from the frozen model.
     """
 
     scope: str = "u"
     eta: float = 1.0
     ddim_steps: int = 50
     sample_guidance: float = 3.0
+    x_t_from: str = "frozen"
+
+    def __post_init__(self) -> None:
+        if self.x_t_from not in ("frozen", "trained"):
+            raise UnrelearnError(f"esd: x_t_from must be 'frozen' or 'trained', got {self.x_t_from!r}")
 
 
 @register_method
@@ -55,7 +66,8 @@ class ESD(OptimizationMethod):
     def loss(self, step: int, generator: torch.Generator) -> torch.Tensor:
         config, model = self.config, self.model
         prompts = [c.text for c in self.pick(self.sets.forget, generator)]
-        x_t, t = self.sampled_x_t(prompts, generator, self.teacher)
+        sampler_unet = self.teacher if config.x_t_from == "frozen" else model.unet
+        x_t, t = self.sampled_x_t(prompts, generator, sampler_unet)
         context = model.encode_prompts(prompts)
         uncond = model.encode_prompts([""] * len(prompts))
         with torch.no_grad():
