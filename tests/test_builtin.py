@@ -12,7 +12,9 @@ def base():
 
 
 def test_builtin_models_are_listed():
-    assert "shapes" in builtin_models()
+    assert {"shapes", "shapes-oracle-circle"} <= set(builtin_models())
+    oracle = load_model("builtin:shapes-oracle-circle")
+    assert oracle.info["excluded_concept"] == "circle" and oracle.guidance == 1.5
 
 
 def test_evaluation_is_deterministic(base):
