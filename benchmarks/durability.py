@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from unrelearn.assets import load_model
@@ -64,10 +65,11 @@ def main() -> None:
         curves = {}
         for name, path in contenders.items():
             folder = args.work / f"attack-{name}-{data}"
+            config = AttackConfig(data=data, steps=args.steps, lr=args.lr, batch_size=EMBEDDED_DEFAULTS["batch_size"], seed=args.seed)
             if (folder / "curve.json").is_file():
+                _check_same_settings(folder, config, eval_config, eval_at)
                 summary = json.loads((folder / "curve.json").read_text())
             else:
-                config = AttackConfig(data=data, steps=args.steps, lr=args.lr, batch_size=EMBEDDED_DEFAULTS["batch_size"], seed=args.seed)
                 summary = attack(load_model(path), args.concept, config, folder, eval_at, eval_config, threshold=threshold,
                                  progress=False)  # fmt: skip
             curves[name] = summary["points"]
@@ -76,6 +78,14 @@ def main() -> None:
             print(f"{name:10s} {data:12s} steps-to-relearn={summary['steps_to_relearn']}  {rates}", flush=True)
             plot_curves(curves, args.out / f"{args.concept}-{data}.png", threshold, title=f"{args.concept}: attack with {data}")
             (args.out / f"{args.concept}.json").write_text(json.dumps(table, indent=2) + "\n")
+
+
+def _check_same_settings(folder: Path, config: AttackConfig, eval_config: EvalConfig, eval_at: list[int]) -> None:
+    """A finished attack is reused only if it ran with the settings asked for now."""
+    record = json.loads((folder / "run.json").read_text())
+    asked = {"config": asdict(config), "eval": asdict(eval_config), "eval_at": eval_at}
+    if any(record[key] != value for key, value in asked.items()):
+        raise SystemExit(f"{folder} holds an attack run with other settings; pass another --work or delete it")
 
 
 if __name__ == "__main__":
