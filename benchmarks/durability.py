@@ -22,6 +22,7 @@ from unrelearn.assets import load_model
 from unrelearn.attacks import AttackConfig, attack, parse_eval_at, plot_curves
 from unrelearn.attacks.finetune import EMBEDDED_DEFAULTS
 from unrelearn.evaluate import EvalConfig, evaluate
+from unrelearn.io import write_json_atomic
 from unrelearn.methods import unlearn
 
 
@@ -60,9 +61,10 @@ def main() -> None:
         "attack": {"steps": args.steps, "lr": args.lr, "batch_size": EMBEDDED_DEFAULTS["batch_size"], "eval_samples": args.samples},
         "runs": {},
     }  # fmt: skip
+    table_path = args.out / f"{args.concept}.json"
+    table["runs"] = _rows_on_disk(table_path, table)
     args.out.mkdir(parents=True, exist_ok=True)
     for data in args.attacks.split(","):
-        curves = {}
         for name, path in contenders.items():
             folder = args.work / f"attack-{name}-{data}"
             config = AttackConfig(data=data, steps=args.steps, lr=args.lr, batch_size=EMBEDDED_DEFAULTS["batch_size"], seed=args.seed)
@@ -72,12 +74,21 @@ def main() -> None:
             else:
                 summary = attack(load_model(path), args.concept, config, folder, eval_at, eval_config, threshold=threshold,
                                  progress=False)  # fmt: skip
-            curves[name] = summary["points"]
             table["runs"][f"{name}/{data}"] = summary
+            curves = {row.split("/")[0]: run["points"] for row, run in table["runs"].items() if row.endswith(f"/{data}")}
             rates = " ".join(f"{p['step']}:{p['forget_rate']:.2f}" for p in summary["points"])
             print(f"{name:10s} {data:12s} steps-to-relearn={summary['steps_to_relearn']}  {rates}", flush=True)
             plot_curves(curves, args.out / f"{args.concept}-{data}.png", threshold, title=f"{args.concept}: attack with {data}")
-            (args.out / f"{args.concept}.json").write_text(json.dumps(table, indent=2) + "\n")
+            write_json_atomic(table_path, table)
+
+
+def _rows_on_disk(table_path: Path, table: dict) -> dict:
+    """Rows from an earlier invocation with the same attack settings, so running one attack adds to the table."""
+    if not table_path.is_file():
+        return {}
+    earlier = json.loads(table_path.read_text())
+    same = all(earlier.get(key) == table[key] for key in ("concept", "reference_forget_rate", "attack"))
+    return earlier.get("runs", {}) if same else {}
 
 
 def _check_same_settings(folder: Path, config: AttackConfig, eval_config: EvalConfig, eval_at: list[int]) -> None:
