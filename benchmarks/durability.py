@@ -80,6 +80,32 @@ def main() -> None:
             print(f"{name:10s} {data:12s} steps-to-relearn={summary['steps_to_relearn']}  {rates}", flush=True)
             plot_curves(curves, args.out / f"{args.concept}-{data}.png", threshold, title=f"{args.concept}: attack with {data}")
             write_json_atomic(table_path, table)
+            _write_markdown(table, table_path.with_suffix(".md"))
+
+
+def _write_markdown(table: dict, path: Path) -> None:
+    """The forget-rate table by attack step, with the command that regenerates it."""
+    steps = sorted({p["step"] for run in table["runs"].values() for p in run["points"]})
+    attack = table["attack"]
+    lines = [
+        f"# Durability: {table['concept']}",
+        "",
+        f"`python benchmarks/durability.py --concept {table['concept']} --oracle ORACLE --lr {attack['lr']:g}` "
+        f"(full fine-tuning, Adam, batch {attack['batch_size']}, {attack['eval_samples']} samples per evaluation). "
+        f"Forget rate [95% CI] by attack step; relearned at {table['threshold']:.2f} (half the base model's rate).",
+        "",
+        "| model / attack | " + " | ".join(str(s) for s in steps) + " | steps-to-relearn |",
+        "|---|" + "---|" * (len(steps) + 1),
+    ]
+    for row, run in table["runs"].items():
+        by_step = {p["step"]: p for p in run["points"]}
+        cells = []
+        for step in steps:
+            point = by_step.get(step)
+            cells.append(f"{point['forget_rate']:.2f} [{point['forget_rate_ci'][0]:.2f}, {point['forget_rate_ci'][1]:.2f}]" if point else "-")
+        relearn = run["steps_to_relearn"]
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {'never' if relearn is None else relearn} |")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _rows_on_disk(table_path: Path, table: dict) -> dict:

@@ -57,6 +57,8 @@ class AttackConfig:
             raise UnrelearnError(f"batch size must be at least 1, got {self.batch_size}")
 
 
+# lr 1e-4: both the malicious (hrm-m) and the benign (dimra-aux) attack restore an ESD-erased
+# concept within 300 steps while the oracle stays flat under dimra-aux (README, "Relearning").
 EMBEDDED_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "batch_size": 16}
 
 
