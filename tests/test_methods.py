@@ -40,6 +40,23 @@ def test_uce_maps_forget_tokens_to_the_guide_and_keeps_preserved(tiny_model):
         assert erased < 0.5 * untouched and kept < 0.5, name
 
 
+def test_uce_alternative_guide_and_clean_preserve_rows(tiny_model):
+    from unrelearn.methods.uce import ALTERNATIVE_GUIDE
+    from unrelearn.worlds import get_world
+
+    cls, _ = resolve_method("uce")
+    sets = get_world("shapes").concept_sets("circle")
+    plain = cls(tiny_model, sets, cls.Config())
+    mapped = cls(tiny_model, sets, cls.Config(guide=ALTERNATIVE_GUIDE, preserve_clean=True))
+    assert plain.guide_prompt() == "" and mapped.guide_prompt() == "a square"
+    _, guide_rows, few = plain.embeddings()
+    _, square_rows, many = mapped.embeddings()
+    rows_per_prompt = few.shape[0] // len(sets.preserve)
+    assert many.shape[0] == (len(sets.preserve) + len(sets.clean)) * rows_per_prompt
+    expected = tiny_model.encode_prompts(["a square"]).reshape(-1, square_rows.shape[-1]).cpu()
+    assert torch.equal(square_rows[:rows_per_prompt], expected) and not torch.equal(square_rows, guide_rows)
+
+
 def test_esd_target_is_negative_guidance():
     eps_uncond, eps_concept = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 1.0])
     assert torch.equal(esd_target(eps_uncond, eps_concept, 0.0), eps_uncond)

@@ -44,6 +44,7 @@ class RECE(ClosedFormMethod):
     name = "rece"
     summary = "RECE: UCE, then repeatedly erase the closed-form adversarial embedding that still regenerates the concept"
     Config = RECEConfig
+    embedded_defaults = UCE.embedded_defaults
 
     def apply(self) -> dict:
         config = self.config
