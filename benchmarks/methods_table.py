@@ -16,6 +16,7 @@ from pathlib import Path
 
 from unrelearn.assets import load_model
 from unrelearn.evaluate import EvalConfig, evaluate
+from unrelearn.io import write_json_atomic
 from unrelearn.methods import resolve_method, unlearn
 
 DEFAULT_METHODS = "esd-u-1,esd-u-3,esd-f-3,esd-x-1,sdd,uce,rece,salun,erasediff,ca"
@@ -53,10 +54,20 @@ def main() -> None:
             metrics = evaluate(model, concept, eval_config, progress=False).metrics
             rows.append(_row(concept, method, metrics, base, record))
             print(_format(rows[-1]), flush=True)
+    rows = _merge_with_disk(args.out.with_suffix(".json"), rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_json_atomic(args.out.with_suffix(".json"), rows)
     header = "| concept | method | forget rate [95% CI] | retain alignment | FID | wall s | peak MB | meets bar |\n|---|---|---|---|---|---|---|---|\n"
     args.out.with_suffix(".md").write_text(header + "\n".join(_format(r) for r in rows) + "\n")
+
+
+def _merge_with_disk(path: Path, rows: list[dict]) -> list[dict]:
+    """Rows of earlier invocations for other (concept, method) pairs are kept, so the table can be built in parts."""
+    if not path.is_file():
+        return rows
+    fresh = {(r["concept"], r["method"]) for r in rows}
+    kept = [r for r in json.loads(path.read_text()) if (r["concept"], r["method"]) not in fresh]
+    return sorted(kept + rows, key=lambda r: (r["concept"], r["method"] != "base model"))
 
 
 def _row(concept, method, metrics, base, record) -> dict:

@@ -30,7 +30,7 @@ class ConceptAblation(OptimizationMethod):
     name = "ca"
     summary = "Concept Ablation: match the forget prompt's prediction to the anchor concept's on anchor images"
     Config = ConceptAblationConfig
-    embedded_defaults = {"steps": 200, "lr": 1e-4}
+    embedded_defaults = {"steps": 200, "lr": 3e-4}
 
     def parameters(self) -> dict[str, torch.nn.Parameter]:
         return select_parameters(self.model.unet, self.config.scope)
