@@ -37,7 +37,7 @@ class SDD(OptimizationMethod):
     name = "sdd"
     summary = "SDD: self-distil eps(x_t, c) onto the EMA teacher's unconditional prediction; saves the EMA"
     Config = SDDConfig
-    embedded_defaults = {"steps": 200, "lr": 1e-4, "batch_size": 8, "ddim_steps": 10, "ema_decay": 0.99}
+    embedded_defaults = {"steps": 200, "lr": 5e-4, "batch_size": 8, "ddim_steps": 10, "ema_decay": 0.99}
 
     def bind(self, trainer: Trainer) -> None:
         self.trainer = trainer
