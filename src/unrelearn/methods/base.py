@@ -81,15 +81,6 @@ class Method(ABC):
         self.config = config
         self._teacher: torch.nn.Module | None = None
 
-    def erase_prompts(self, phrasings: bool) -> list[Caption]:
-        """The concept's names, plus its several phrasings (``hrm_m``) when asked.
-
-        ESD and SDD erase the names only in their papers ("nudity"); a small text encoder
-        generalises less from names to other phrasings, so image-free methods may add them,
-        as the image-based methods (CA, SalUn, EraseDiff) always do.
-        """
-        return self.sets.forget + (self.sets.hrm_m if phrasings else [])
-
     def pick(self, pool: list[Caption], generator: torch.Generator) -> list[Caption]:
         """A batch of ``config.batch_size`` captions drawn with replacement."""
         picks = torch.randint(len(pool), (self.config.batch_size,), generator=generator).tolist()

@@ -28,8 +28,7 @@ class ESDConfig(OptimizationConfig):
     ``x_t_from``: which network samples ``x_t``. ``"frozen"`` (default) is theta*, as the
     paper and METHODS.md describe; ``"trained"`` is the network being fine-tuned, as the
     original code does (``quick_sample_till_t`` calls the ESD model, not ``model_orig``).
-    The targets always come from the frozen model. ``phrasings``: also erase the concept's
-    several phrasings (``hrm_m``), not only its names.
+    The targets always come from the frozen model.
     """
 
     scope: str = "u"
@@ -37,7 +36,6 @@ class ESDConfig(OptimizationConfig):
     ddim_steps: int = 50
     sample_guidance: float = 3.0
     x_t_from: str = "frozen"
-    phrasings: bool = False
 
     def __post_init__(self) -> None:
         if self.x_t_from not in ("frozen", "trained"):
@@ -67,7 +65,7 @@ class ESD(OptimizationMethod):
 
     def loss(self, step: int, generator: torch.Generator) -> torch.Tensor:
         config, model = self.config, self.model
-        prompts = [c.text for c in self.pick(self.erase_prompts(config.phrasings), generator)]
+        prompts = [c.text for c in self.pick(self.sets.forget, generator)]
         sampler_unet = self.teacher if config.x_t_from == "frozen" else model.unet
         x_t, t = self.sampled_x_t(prompts, generator, sampler_unet)
         context = model.encode_prompts(prompts)

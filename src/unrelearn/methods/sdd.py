@@ -15,8 +15,7 @@ from unrelearn.training import TrainConfig, Trainer
 @dataclass
 class SDDConfig(OptimizationConfig):
     """Official-code defaults: 1500 steps, AdamW lr 1e-5 (weight decay 1e-4), batch 1, clip 1.0,
-    EMA decay 0.999, cross-attention scope, ``z_t`` from DDIM 50 with guidance 3. ``phrasings``:
-    also erase the concept's several phrasings (``hrm_m``), not only its names."""
+    EMA decay 0.999, cross-attention scope, ``z_t`` from DDIM 50 with guidance 3."""
 
     steps: int = 1500
     optimizer: str = "adamw"
@@ -26,7 +25,6 @@ class SDDConfig(OptimizationConfig):
     ema_decay: float = 0.999
     ddim_steps: int = 50
     sample_guidance: float = 3.0
-    phrasings: bool = False
 
 
 @register_method
@@ -61,7 +59,7 @@ class SDD(OptimizationMethod):
     def loss(self, step: int, generator: torch.Generator) -> torch.Tensor:
         model = self.model
         self._sync_teacher()
-        prompts = [c.text for c in self.pick(self.erase_prompts(self.config.phrasings), generator)]
+        prompts = [c.text for c in self.pick(self.sets.forget, generator)]
         x_t, t = self.sampled_x_t(prompts, generator, self.ema_unet)
         with torch.no_grad():
             target = model.predict_noise(x_t, t, model.encode_prompts([""] * len(prompts)), self.ema_unet)
