@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from unrelearn.assets import load_model
@@ -40,11 +41,16 @@ def main() -> None:
         overrides.setdefault(method, {})[key] = json.loads(value)
 
     eval_config = EvalConfig(samples=args.samples, seed=args.seed)
-    rows = []
+    protocol = {"model": args.model, "eval": asdict(eval_config)}
+    table = args.out.with_suffix(".json")
     for concept in args.concepts.split(","):
-        base = evaluate(load_model(args.model), concept, eval_config, progress=False).metrics
-        rows.append(_row(concept, "base model", base, base, None))
-        print(_format(rows[-1]), flush=True)
+        base_row = _base_row_on_disk(table, concept, protocol)
+        if base_row is None:
+            base = evaluate(load_model(args.model), concept, eval_config, progress=False).metrics
+            base_row = _row(concept, "base model", base, base, None) | protocol
+            _save(args.out, [base_row])
+        base = base_row
+        print(_format(base_row), flush=True)
         for method in args.methods.split(","):
             model = load_model(args.model)
             options = dict(overrides.get(method, {}))
@@ -52,13 +58,27 @@ def main() -> None:
                 options.setdefault("seed", args.seed)
             record = unlearn(model, method, concept, overrides=options, progress=False)
             metrics = evaluate(model, concept, eval_config, progress=False).metrics
-            rows.append(_row(concept, method, metrics, base, record))
-            print(_format(rows[-1]), flush=True)
-    rows = _merge_with_disk(args.out.with_suffix(".json"), rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out.with_suffix(".json"), rows)
+            row = _row(concept, method, metrics, base, record) | protocol
+            _save(args.out, [row])  # after every row, so a stopped run keeps what it finished
+            print(_format(row), flush=True)
+
+
+def _base_row_on_disk(table: Path, concept: str, protocol: dict) -> dict | None:
+    """The base model's row from an earlier invocation with the same model and evaluation protocol."""
+    if not table.is_file():
+        return None
+    for row in json.loads(table.read_text()):
+        if row["concept"] == concept and row["method"] == "base model" and all(row.get(k) == v for k, v in protocol.items()):
+            return row
+    return None
+
+
+def _save(out: Path, rows: list[dict]) -> None:
+    rows = _merge_with_disk(out.with_suffix(".json"), rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out.with_suffix(".json"), rows)
     header = "| concept | method | forget rate [95% CI] | retain alignment | FID | wall s | peak MB | meets bar |\n|---|---|---|---|---|---|---|---|\n"
-    args.out.with_suffix(".md").write_text(header + "\n".join(_format(r) for r in rows) + "\n")
+    out.with_suffix(".md").write_text(header + "\n".join(_format(r) for r in rows) + "\n")
 
 
 def _merge_with_disk(path: Path, rows: list[dict]) -> list[dict]:
