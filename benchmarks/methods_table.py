@@ -44,13 +44,12 @@ def main() -> None:
     protocol = {"model": args.model, "eval": asdict(eval_config)}
     table = args.out.with_suffix(".json")
     for concept in args.concepts.split(","):
-        base_row = _base_row_on_disk(table, concept, protocol)
-        if base_row is None:
-            base = evaluate(load_model(args.model), concept, eval_config, progress=False).metrics
-            base_row = _row(concept, "base model", base, base, None) | protocol
-            _save(args.out, [base_row])
-        base = base_row
-        print(_format(base_row), flush=True)
+        base = _base_row_on_disk(table, concept, protocol)
+        if base is None:
+            metrics = evaluate(load_model(args.model), concept, eval_config, progress=False).metrics
+            base = _row(concept, "base model", metrics, metrics, None) | protocol
+            _save(args.out, [base])
+        print(_format(base), flush=True)
         for method in args.methods.split(","):
             model = load_model(args.model)
             options = dict(overrides.get(method, {}))
