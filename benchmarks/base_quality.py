@@ -16,6 +16,7 @@ from pathlib import Path
 
 from unrelearn.assets import load_detector, load_model
 from unrelearn.evaluate import cycle_captions
+from unrelearn.io import write_text_atomic
 from unrelearn.metrics import stated_attribute_accuracy
 from unrelearn.worlds import get_world
 
@@ -54,7 +55,7 @@ def main() -> None:
         print(f"{key:24s} {cells[0]:>8s} {cells[1]:>8s} {cells[2]:>8s} {cells[3]:>10s}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(args.out, json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

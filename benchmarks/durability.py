@@ -22,7 +22,7 @@ from unrelearn.assets import load_model
 from unrelearn.attacks import AttackConfig, attack, parse_eval_at, plot_curves
 from unrelearn.attacks.finetune import EMBEDDED_DEFAULTS
 from unrelearn.evaluate import EvalConfig, evaluate
-from unrelearn.io import write_json_atomic
+from unrelearn.io import write_json_atomic, write_text_atomic
 from unrelearn.methods import unlearn
 
 
@@ -105,7 +105,7 @@ def _write_markdown(table: dict, path: Path) -> None:
             cells.append(f"{point['forget_rate']:.2f} [{point['forget_rate_ci'][0]:.2f}, {point['forget_rate_ci'][1]:.2f}]" if point else "-")
         relearn = run["steps_to_relearn"]
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {'never' if relearn is None else relearn} |")
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def _rows_on_disk(table_path: Path, table: dict) -> dict:

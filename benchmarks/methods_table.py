@@ -17,7 +17,7 @@ from pathlib import Path
 
 from unrelearn.assets import load_model
 from unrelearn.evaluate import EvalConfig, evaluate
-from unrelearn.io import write_json_atomic
+from unrelearn.io import write_json_atomic, write_text_atomic
 from unrelearn.methods import resolve_method, unlearn
 
 DEFAULT_METHODS = "esd-u-1,esd-u-3,esd-f-3,esd-x-1,sdd,uce,rece,salun,erasediff,ca"
@@ -77,7 +77,7 @@ def _save(out: Path, rows: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out.with_suffix(".json"), rows)
     header = "| concept | method | forget rate [95% CI] | retain alignment | FID | wall s | peak MB | meets bar |\n|---|---|---|---|---|---|---|---|\n"
-    out.with_suffix(".md").write_text(header + "\n".join(_format(r) for r in rows) + "\n")
+    write_text_atomic(out.with_suffix(".md"), header + "\n".join(_format(r) for r in rows) + "\n")
 
 
 def _merge_with_disk(path: Path, rows: list[dict]) -> list[dict]:

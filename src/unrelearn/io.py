@@ -40,9 +40,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     ensure_writable_parent(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide a shared model folder from other users
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide a shared model folder from other users
     try:
         yield tmp
     except BaseException:
@@ -57,12 +55,29 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
 
 
-def write_json_atomic(path: str | Path, payload: Any) -> None:
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to a unique sibling, then rename: readers and concurrent writers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def library_versions() -> dict[str, str]:
