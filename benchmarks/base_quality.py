@@ -54,7 +54,6 @@ def main() -> None:
         cells = [f"{row[a]['accuracy']:.3f}" if a in row else "-" for a in ("shape", "colour", "texture", "background")]
         print(f"{key:24s} {cells[0]:>8s} {cells[1]:>8s} {cells[2]:>8s} {cells[3]:>10s}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.out, json.dumps(summary, indent=2) + "\n")
 
 

@@ -90,9 +90,11 @@ def _write_markdown(table: dict, path: Path) -> None:
     lines = [
         f"# Durability: {table['concept']}",
         "",
-        f"`python benchmarks/durability.py --concept {table['concept']} --oracle ORACLE --lr {attack['lr']:g}` "
-        f"(full fine-tuning, Adam, batch {attack['batch_size']}, {attack['eval_samples']} samples per evaluation). "
-        f"Forget rate [95% CI] by attack step; relearned at {table['threshold']:.2f} (half the base model's rate).",
+        (
+            f"`python benchmarks/durability.py --concept {table['concept']} --oracle ORACLE --lr {attack['lr']:g}` "
+            f"(full fine-tuning, Adam, batch {attack['batch_size']}, {attack['eval_samples']} samples per evaluation). "
+            f"Forget rate [95% CI] by attack step; relearned at {table['threshold']:.2f} (half the base model's rate)."
+        ),
         "",
         "| model / attack | " + " | ".join(str(s) for s in steps) + " | steps-to-relearn |",
         "|---|" + "---|" * (len(steps) + 1),

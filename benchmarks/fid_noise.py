@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from unrelearn.assets import load_detector, load_model
-from unrelearn.evaluate import EvalConfig, cycle_captions
+from unrelearn.evaluate import EvalConfig, cycle_captions, retain_and_real_images
 from unrelearn.io import write_json_atomic
 from unrelearn.metrics import detector_fid
 from unrelearn.worlds import get_world
@@ -38,17 +38,14 @@ def main() -> None:
     world = get_world(model.world)
     detector = load_detector(world.name)
     retain = cycle_captions(world.concept_sets(args.concept).retain, args.samples)
-    sampler = EvalConfig(samples=args.samples)
     seeds = [int(s) for s in args.seeds.split(",")]
     began = time.perf_counter()
     real_vs_real, model_fid = {}, {}
     for seed in seeds:
-        real, _ = world.render(retain, torch.Generator().manual_seed(seed + 2))
+        config = EvalConfig(samples=args.samples, seed=seed, guidance=model.guidance)
+        generated, real = retain_and_real_images(model, world, retain, config)
         other_real, _ = world.render(retain, torch.Generator().manual_seed(seed + 1000))
         real_vs_real[seed] = detector_fid(detector, real, other_real)
-        generated = model.sample(
-            [c.text for c in retain], seed=seed + 1, steps=sampler.steps, guidance=model.guidance, batch_size=sampler.batch_size
-        )
         model_fid[seed] = detector_fid(detector, real, generated)
         print(f"seed {seed}: real vs real {real_vs_real[seed]:.0f}, model {model_fid[seed]:.0f}", flush=True)
     summary = {

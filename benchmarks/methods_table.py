@@ -74,7 +74,6 @@ def _base_row_on_disk(table: Path, concept: str, protocol: dict) -> dict | None:
 
 def _save(out: Path, rows: list[dict]) -> None:
     rows = _merge_with_disk(out.with_suffix(".json"), rows)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out.with_suffix(".json"), rows)
     header = "| concept | method | forget rate [95% CI] | retain alignment | FID | wall s | peak MB | meets bar |\n|---|---|---|---|---|---|---|---|\n"
     write_text_atomic(out.with_suffix(".md"), header + "\n".join(_format(r) for r in rows) + "\n")

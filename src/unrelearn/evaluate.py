@@ -17,7 +17,7 @@ from unrelearn.io import library_versions
 from unrelearn.metrics import alignment_flags, bootstrap_interval, concept_flags, detector_fid
 from unrelearn.model import DiffusionModel
 from unrelearn.worlds import get_world
-from unrelearn.worlds.base import Caption
+from unrelearn.worlds.base import Caption, World
 
 
 @dataclass
@@ -48,6 +48,19 @@ class Evaluation:
 
 def cycle_captions(captions: list[Caption], n: int) -> list[Caption]:
     return list(itertools.islice(itertools.cycle(captions), n))
+
+
+def retain_and_real_images(
+    model: DiffusionModel, world: World, retain: list[Caption], config: EvalConfig, on_batch=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two sides of FID: generations from the retain prompts (seed + 1) and ground-truth
+    renders of the same prompts (seed + 2). ``config.guidance`` must be resolved."""
+    images = model.sample(
+        [c.text for c in retain], seed=config.seed + 1, steps=config.steps, guidance=config.guidance,
+        batch_size=config.batch_size, on_batch=on_batch,
+    )  # fmt: skip
+    real, _ = world.render(retain, torch.Generator().manual_seed(config.seed + 2))
+    return images, real
 
 
 def _digest(texts: list[str]) -> str:
@@ -83,9 +96,8 @@ def evaluate(
     bar = tqdm(total=2 * config.samples, desc=f"sampling ({concept})", disable=not progress, leave=False)
     sample = dict(steps=config.steps, guidance=config.guidance, batch_size=config.batch_size, on_batch=bar.update)
     forget_images = model.sample([c.text for c in forget], seed=config.seed, **sample)
-    retain_images = model.sample([c.text for c in retain], seed=config.seed + 1, **sample)
+    retain_images, real_images = retain_and_real_images(model, world, retain, config, on_batch=bar.update)
     bar.close()
-    real_images, _ = world.render(retain, torch.Generator().manual_seed(config.seed + 2))
 
     flags = concept_flags(detector, forget_images, sets.attribute, concept)
     aligned, per_attribute = alignment_flags(detector, retain_images, retain)
