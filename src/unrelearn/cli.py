@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -29,13 +30,34 @@ def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         _quiet_libraries()
+        previous = _stop_cleanly_on_sigterm()
         try:
             return command(*args, **kwargs)
         except UnrelearnError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            # Temporary folders are gone and locks released by now; checkpoints stay.
+            typer.echo("interrupted: run the same command again to resume from the last checkpoint", err=True)
+            raise typer.Exit(130) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _stop_cleanly_on_sigterm() -> Any:
+    """A scheduler's SIGTERM (SLURM pre-emption, ``timeout``) unwinds like Ctrl-C: temporary
+    outputs are removed and the output lock is released instead of left behind."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        return None
 
 
 def _quiet_libraries() -> None:
@@ -48,8 +70,33 @@ def _quiet_libraries() -> None:
     diffusers.logging.disable_progress_bar()
 
 
-def _progress(json_output: bool) -> bool:
-    return sys.stderr.isatty() and not json_output
+def _device(name: str | None) -> Any:
+    from unrelearn.device import resolve_device
+
+    return resolve_device(name)
+
+
+DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: the GPU when there is one)"
+
+
+def _world_of(model: str, world: str | None) -> tuple[str, dict[str, Any]]:
+    """The world a model belongs to and its "unrelearn" metadata, read without loading weights."""
+    from unrelearn.assets import model_path
+    from unrelearn.model import read_model_index
+    from unrelearn.worlds import get_world
+
+    _, info = read_model_index(model_path(model))
+    name = world or info.get("world")
+    if name is None:
+        raise UnrelearnError("this model names no world; pass --world (for example --world shapes)")
+    get_world(name)
+    return name, info
+
+
+def _check_concept(world: str, concept: str) -> None:
+    from unrelearn.worlds import get_world
+
+    get_world(world).attribute_of(concept)
 
 
 @app.command()
@@ -64,23 +111,21 @@ def evaluate(
     world: Optional[str] = typer.Option(None, help="the world to evaluate in (default: the model's)"),
     out: Optional[Path] = typer.Option(None, help="also write metrics.json and image grids here"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Forget rate (with a bootstrap 95% interval), retain alignment and FID of MODEL."""
     from unrelearn.assets import load_model
-    from unrelearn.evaluate import EvalConfig, evaluate as run_evaluation
+    from unrelearn.evaluate import EvalConfig
+    from unrelearn.evaluate import evaluate as run_evaluation
     from unrelearn.io import ensure_writable_parent
 
     config = EvalConfig(samples=samples, seed=seed, steps=steps, guidance=guidance)
     if out is not None:
         ensure_writable_parent(out)
-    loaded = load_model(model)
-    world_name = world or loaded.world
-    if world_name is None:
-        raise UnrelearnError("this model names no world; pass --world (for example --world shapes)")
-    from unrelearn.worlds import get_world
-
-    get_world(world_name).attribute_of(concept)
-    result = run_evaluation(loaded, concept, config, world_name, progress=_progress(json_output))
+    world_name, _ = _world_of(model, world)
+    _check_concept(world_name, concept)
+    loaded = load_model(model, device=_device(device))
+    result = run_evaluation(loaded, concept, config, world_name, progress=not json_output)
     result.metrics["model"] = model
     if out is not None:
         _write_evaluation(out, result)
@@ -115,12 +160,16 @@ def demo(
     method: str = typer.Option("esd-u-1", "--method", "-m"),
     unlearn_steps: Optional[int] = typer.Option(None, help="default: the method's embedded default"),
     attack_steps: int = typer.Option(100),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
-    """The main job on the embedded default: evaluate, unlearn with ESD, attack, report."""
+    """The main job on the embedded default: evaluate, unlearn with ESD, attack, report.
+
+    Killed or interrupted, it keeps its finished stages in OUT.partial/ and resumes from them.
+    """
     from unrelearn.demo import run_demo
 
     report = run_demo(out, concept=concept, samples=samples, seed=seed, method=method, unlearn_steps=unlearn_steps,
-                      attack_steps=attack_steps, progress=sys.stderr.isatty())  # fmt: skip
+                      attack_steps=attack_steps, device=_device(device))  # fmt: skip
     typer.echo(json.dumps(report["summary"], indent=2))
     typer.echo(f"report written to {out}/ (report.json, image grids, attack curve)")
 
@@ -159,24 +208,32 @@ def unlearn_command(
     concept: str = typer.Option(..., "--concept", "-c"),
     out: Path = typer.Option(..., help="model folder to write (with run.json)"),
     steps: Optional[int] = typer.Option(None, help="optimizer steps (optimization-based methods only)"),
-    seed: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None, help="the method's seed (recorded by every method)"),
     option: list[str] = typer.Option([], "--option", "-o", help="a method option as key=value; repeatable"),
     world: Optional[str] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
-    """Unlearn CONCEPT from MODEL with METHOD and save the result as a model folder."""
+    """Unlearn CONCEPT from MODEL with METHOD and save the result as a model folder.
+
+    Interrupted, it resumes from OUT.checkpoint when run again with the same settings.
+    """
     from unrelearn.assets import load_model
     from unrelearn.io import ensure_writable_parent
     from unrelearn.methods import resolve_method, unlearn
+    from unrelearn.methods.base import check_method_options
 
-    resolve_method(method)
-    ensure_writable_parent(out)
+    cls, variant = resolve_method(method)
     overrides = _parse_options(option)
     if steps is not None:
         overrides["steps"] = steps
     if seed is not None:
         overrides["seed"] = seed
-    loaded = load_model(model)
-    record = unlearn(loaded, method, concept, out=out, overrides=overrides, world_name=world, progress=sys.stderr.isatty())
+    check_method_options(cls, variant | overrides)
+    ensure_writable_parent(out)
+    world_name, _ = _world_of(model, world)
+    _check_concept(world_name, concept)
+    loaded = load_model(model, device=_device(device))
+    record = unlearn(loaded, method, concept, out=out, overrides=overrides, world_name=world_name)
     typer.echo(json.dumps({k: record[k] for k in ("method", "concept", "wall_seconds") if k in record}))
     typer.echo(f"model written to {out}")
 
@@ -201,36 +258,45 @@ def attack_command(
     threshold: Optional[float] = typer.Option(None, help="forget rate that counts as relearned (default: half the reference's)"),
     reference: Optional[str] = typer.Option(None, help="model whose forget rate sets the threshold (default builtin:WORLD)"),
     original: Optional[str] = typer.Option(None, help="the original model, for dimra-aux-model data"),
+    checkpoint_every: int = typer.Option(50, help="steps between checkpoints in OUT.checkpoint (0: none)"),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
-    """Fine-tune MODEL as an attacker would and trace whether the concept comes back."""
+    """Fine-tune MODEL as an attacker would and trace whether the concept comes back.
+
+    Interrupted, it resumes from OUT.checkpoint (with the curve so far) when run again.
+    """
     from unrelearn.assets import load_model
     from unrelearn.attacks import AttackConfig, attack, parse_eval_at
     from unrelearn.attacks.finetune import EMBEDDED_DEFAULTS
-    from unrelearn.evaluate import EvalConfig, evaluate as run_evaluation
+    from unrelearn.evaluate import EvalConfig
+    from unrelearn.evaluate import evaluate as run_evaluation
     from unrelearn.io import ensure_writable_parent
 
-    ensure_writable_parent(out)
     eval_config = EvalConfig(samples=samples, seed=seed)
-    loaded = load_model(model)
-    concept = concept or (loaded.info.get("unlearned") or {}).get("concept")
+    world_name, info = _world_of(model, None)
+    concept = concept or (info.get("unlearned") or {}).get("concept")
     if concept is None:
         raise UnrelearnError("this model records no unlearned concept; pass --concept")
-    embedded = loaded.world is not None
+    _check_concept(world_name, concept)
+    embedded = info.get("world") is not None
     config = AttackConfig(
         data=data, steps=steps, optimizer=optimizer, mode=mode, lora_rank=lora_rank, seed=seed,
-        lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
+        lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()], checkpoint_every=checkpoint_every,
         lr=lr if lr is not None else (EMBEDDED_DEFAULTS["lr"] if embedded else AttackConfig.lr),
-        batch_size=batch_size or (EMBEDDED_DEFAULTS["batch_size"] if embedded else AttackConfig.batch_size),
+        batch_size=batch_size if batch_size is not None else (EMBEDDED_DEFAULTS["batch_size"] if embedded else AttackConfig.batch_size),
     )  # fmt: skip
     points = parse_eval_at(eval_at, steps)
+    ensure_writable_parent(out)
+    target = _device(device)
+    loaded = load_model(model, device=target)
     reference_rate = None
     if threshold is None:
-        reference_model = load_model(reference or f"builtin:{loaded.world}")
-        reference_rate = run_evaluation(reference_model, concept, eval_config, loaded.world, progress=False).metrics["forget_rate"]
-    original_model = load_model(original) if original else None
+        reference_model = load_model(reference or f"builtin:{world_name}", device=target)
+        reference_rate = run_evaluation(reference_model, concept, eval_config, world_name, progress=False).metrics["forget_rate"]
+    original_model = load_model(original, device=target) if original else None
     summary = attack(
         loaded, concept, config, out, points, eval_config, threshold=threshold, reference_rate=reference_rate,
-        original_model=original_model, progress=sys.stderr.isatty(),
+        original_model=original_model,
     )  # fmt: skip
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "points"}))
     for p in summary["points"]:
@@ -250,6 +316,7 @@ def train_base_command(
     exclude: Optional[str] = typer.Option(None, help="train without this concept: the exact-unlearning oracle"),
     checkpoint_every: int = typer.Option(100),
     init: Optional[str] = typer.Option(None, help="warm start from this model's UNet (e.g. builtin:shapes)"),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Train a world's diffusion model from scratch (resumes from OUT.checkpoint if present)."""
     from unrelearn.base import BaseTrainingConfig, train_base
@@ -258,7 +325,7 @@ def train_base_command(
         world=world, steps=steps, batch_size=batch_size, lr=lr, seed=seed, exclude=exclude,
         checkpoint_every=checkpoint_every, init=init,
     )  # fmt: skip
-    train_base(out, config, progress=sys.stderr.isatty())
+    train_base(out, config, device=_device(device))
     typer.echo(f"model written to {out}")
 
 
@@ -269,6 +336,7 @@ def train_detector_command(
     world: str = typer.Option("shapes"),
     steps: int = typer.Option(3000),
     seed: int = typer.Option(0),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Train a world's concept detector on generator ground truth; prints held-out accuracy."""
     from unrelearn.detector import DetectorTrainingConfig, train_detector
@@ -276,8 +344,9 @@ def train_detector_command(
     from unrelearn.worlds import get_world
 
     get_world(world)
+    config = DetectorTrainingConfig(world=world, steps=steps, seed=seed)
     ensure_writable_parent(out)
-    report = train_detector(out, DetectorTrainingConfig(world=world, steps=steps, seed=seed), progress=sys.stderr.isatty())
+    report = train_detector(out, config, device=_device(device))
     typer.echo(json.dumps({k: report[k] for k in ("heldout_accuracy_clean", "heldout_accuracy_augmented")}, indent=2))
 
 

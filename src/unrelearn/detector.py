@@ -11,6 +11,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch import nn
 
 from unrelearn.errors import UnrelearnError
 from unrelearn.io import atomic_directory, library_versions
+from unrelearn.options import NonNegativeFloat, Options, PositiveInt
 from unrelearn.training import TrainConfig, Trainer
 from unrelearn.worlds import World, get_world
 
@@ -116,13 +118,15 @@ def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class DetectorTrainingConfig:
+class DetectorTrainingConfig(Options):
+    option_owner: ClassVar[str] = "train-detector"
+
     world: str = "shapes"
-    steps: int = 3000
-    batch_size: int = 128
-    lr: float = 2e-3
+    steps: PositiveInt = 3000
+    batch_size: PositiveInt = 128
+    lr: NonNegativeFloat = 2e-3
     seed: int = 0
-    heldout: int = 4000
+    heldout: PositiveInt = 4000
 
 
 def detector_accuracy(detector: ConceptDetector, world: World, n: int, seed: int, augmented: bool) -> dict[str, float]:
@@ -137,23 +141,26 @@ def detector_accuracy(detector: ConceptDetector, world: World, n: int, seed: int
     }
 
 
-def train_detector(out: str | Path, config: DetectorTrainingConfig, progress: bool = True) -> dict:
+def train_detector(
+    out: str | Path, config: DetectorTrainingConfig, progress: bool = True, device: str | torch.device = "cpu"
+) -> dict:
     """Train on fresh generator batches; report held-out accuracy per attribute."""
     world = get_world(config.world)
     torch.manual_seed(config.seed)
-    detector = ConceptDetector(world.attributes)
+    detector = ConceptDetector(world.attributes).to(device)
     detector.train()
 
     def loss_fn(step: int, generator: torch.Generator) -> torch.Tensor:
         labels = world.sample_labels(config.batch_size, generator)
         images, index = world.render_labels(labels, generator)
-        logits = detector(augment(images, generator))
+        logits = detector(augment(images, generator).to(device))
+        index = {name: value.to(device) for name, value in index.items()}
         return sum(F.cross_entropy(logits[name], index[name]) for name in detector.attributes)
 
     train_config = TrainConfig(steps=config.steps, lr=config.lr, warmup_steps=100, seed=config.seed, grad_clip=None)
     began = time.perf_counter()
     Trainer(dict(detector.named_parameters()), loss_fn, train_config, progress=progress, description="detector").run()
-    detector.eval()
+    detector.eval().cpu()
     # Held-out seed: far from every training step's seed.
     report = {
         "config": asdict(config),

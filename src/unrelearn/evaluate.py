@@ -16,6 +16,7 @@ from unrelearn.errors import UnrelearnError
 from unrelearn.io import library_versions
 from unrelearn.metrics import alignment_flags, bootstrap_interval, concept_flags, detector_fid
 from unrelearn.model import DiffusionModel
+from unrelearn.progress import progress_bar
 from unrelearn.worlds import get_world
 from unrelearn.worlds.base import Caption, World
 
@@ -80,8 +81,6 @@ def evaluate(
     Seeds: forget generations use ``seed``, retain generations ``seed + 1``, ground-truth
     retain images ``seed + 2``, the bootstrap ``seed``; the same seed gives the same numbers.
     """
-    from tqdm.auto import tqdm
-
     world_name = world_name or model.world
     if world_name is None:
         raise UnrelearnError("this model names no world; pass --world (for example --world shapes)")
@@ -93,7 +92,7 @@ def evaluate(
 
     config = replace(config, guidance=model.guidance if config.guidance is None else config.guidance)
     began = time.perf_counter()
-    bar = tqdm(total=2 * config.samples, desc=f"sampling ({concept})", disable=not progress, leave=False)
+    bar = progress_bar(2 * config.samples, f"sampling ({concept})", enabled=progress, lines=4)
     sample = dict(steps=config.steps, guidance=config.guidance, batch_size=config.batch_size, on_batch=bar.update)
     forget_images = model.sample([c.text for c in forget], seed=config.seed, **sample)
     retain_images, real_images = retain_and_real_images(model, world, retain, config, on_batch=bar.update)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -35,24 +36,84 @@ def ensure_writable_parent(path: Path) -> None:
 
 @contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``path``, on error it vanishes."""
+    """Yield a temporary sibling folder; on success it replaces ``path``, on error it vanishes.
+
+    Everything inside gets the modes the umask gives new files (safetensors writes 0600, which
+    would hide a model shared on a cluster from the group).
+    """
     path = Path(path)
     ensure_writable_parent(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide a shared model folder from other users
     try:
         yield tmp
+        apply_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-        os.replace(path, old / path.name)
-        os.replace(tmp, path)
+    replace_directory(tmp, path)
+
+
+def apply_umask(folder: Path) -> None:
+    """Give ``folder`` and everything under it the modes the umask gives new files and folders."""
+    umask = _umask()
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
+def replace_directory(source: Path, target: Path) -> None:
+    """Move the finished folder ``source`` to ``target``, replacing what was there."""
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+        os.replace(source, target)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, path)
+        os.replace(source, target)
+
+
+@contextmanager
+def output_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on writing ``path`` (and its checkpoints) for the duration of a run.
+
+    A second run into the same output fails at once instead of interleaving checkpoints with the
+    first. The lock is an flock on a hidden sibling file, so the system drops it when a run is
+    killed; the file is removed when the run ends.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = path.with_name(f".{path.name}.lock")
+    while True:
+        handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise UnrelearnError(
+                f"another unrelearn run is writing {str(path)!r} (pid {owner}); wait for it to finish or choose another output"
+            ) from None
+        # A run that just finished may have removed the file we locked; lock the file that is there now.
+        try:
+            same = os.fstat(handle.fileno()).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()
+    try:
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        handle.close()
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

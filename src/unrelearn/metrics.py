@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from scipy.stats import bootstrap
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from unrelearn.detector import ConceptDetector, DetectorFeatures
@@ -16,14 +17,15 @@ ALIGNMENT_ATTRIBUTES = ("shape", "colour", "texture")
 
 
 def bootstrap_interval(flags: Sequence[bool], seed: int = 0, resamples: int = 2000, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``flags``."""
+    """Percentile bootstrap interval of the mean of ``flags`` (scipy.stats.bootstrap)."""
     values = np.asarray(flags, dtype=np.float64)
     if values.size == 0:
         raise UnrelearnError("cannot compute an interval over zero samples")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
-    tail = (1 - level) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+    interval = bootstrap(
+        (values,), np.mean, n_resamples=resamples, confidence_level=level, method="percentile",
+        rng=np.random.default_rng(seed), vectorized=True,
+    ).confidence_interval  # fmt: skip
+    return float(interval.low), float(interval.high)
 
 
 def concept_flags(detector: ConceptDetector, images: torch.Tensor, attribute: str, concept: str) -> list[bool]:

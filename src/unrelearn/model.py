@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.training_utils import compute_snr
 
 from unrelearn.errors import UnrelearnError
 from unrelearn.io import atomic_directory
@@ -94,7 +95,7 @@ class DiffusionModel:
     def num_train_timesteps(self) -> int:
         return int(self.scheduler.config.num_train_timesteps)
 
-    def to(self, device: torch.device | str) -> "DiffusionModel":
+    def to(self, device: torch.device | str) -> DiffusionModel:
         self.unet.to(device)
         self.text_encoder.to(device)
         if self.vae is not None:
@@ -180,8 +181,7 @@ class DiffusionModel:
         prediction = self.predict_noise(x_t, t, context, unet)
         per_example = ((prediction.float() - target.float()) ** 2).flatten(1).mean(1)
         if snr_gamma is not None:
-            alpha_bar = self.scheduler.alphas_cumprod.to(x0.device)[t]
-            snr = alpha_bar / (1 - alpha_bar)
+            snr = compute_snr(self.scheduler, t)
             denominator = snr + 1 if self.scheduler.config.prediction_type == "v_prediction" else snr
             per_example = per_example * snr.clamp(max=snr_gamma) / denominator
         return per_example if reduction == "none" else per_example.mean()
@@ -261,8 +261,12 @@ class DiffusionModel:
         return torch.cat(images)
 
     # ------------------------------------------------------------------ save / load
-    def save(self, folder: str | Path) -> Path:
-        """Write a diffusers-style folder atomically (safetensors only)."""
+    def save(self, folder: str | Path, extra_files: dict[str, Any] | None = None) -> Path:
+        """Write a diffusers-style folder atomically (safetensors only).
+
+        ``extra_files`` (name -> JSON value, e.g. ``{"run.json": record}``) are written inside the
+        same atomic folder, so a model never appears without its record.
+        """
         folder = Path(folder)
         with atomic_directory(folder) as tmp:
             index: dict[str, Any] = dict(self.info.get("diffusers_index", {}))
@@ -290,19 +294,19 @@ class DiffusionModel:
                 "max_length": self.max_length
             }
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+            for name, payload in (extra_files or {}).items():
+                (tmp / name).write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> "DiffusionModel":
-        """Load a folder written by :meth:`save` or a Stable Diffusion diffusers folder."""
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> DiffusionModel:
+        """Load a folder written by :meth:`save` or a Stable Diffusion diffusers folder.
+
+        A damaged or malformed folder (truncated weights, invalid JSON, a config of another
+        architecture) ends with one :class:`UnrelearnError` naming the file, never a traceback.
+        """
         folder = Path(folder)
-        if not folder.is_dir():
-            raise UnrelearnError(f"model folder {str(folder)!r} does not exist")
-        index_path = folder / "model_index.json"
-        if not index_path.is_file():
-            raise UnrelearnError(f"model folder {str(folder)!r} has no model_index.json: it is not a diffusers model folder")
-        index = json.loads(index_path.read_text())
-        extra = index.pop("unrelearn", {})
+        index, extra = read_model_index(folder)
         packaged = extra.get("text_encoder_package")
 
         missing = []
@@ -310,7 +314,7 @@ class DiffusionModel:
             missing.append("unet/config.json")
         elif not (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file():
             missing.append("unet/diffusion_pytorch_model.safetensors")
-        if not any((folder / "scheduler").glob("scheduler_config.json")):
+        if not (folder / "scheduler" / "scheduler_config.json").is_file():
             missing.append("scheduler/scheduler_config.json")
         if not packaged:
             if not (folder / "text_encoder" / "config.json").is_file():
@@ -322,23 +326,113 @@ class DiffusionModel:
         if missing:
             raise UnrelearnError(f"model folder {str(folder)!r} is missing {', '.join(missing)}")
 
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
-        scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+        _read_json_object(folder / "unet" / "config.json")
+        _read_json_object(folder / "scheduler" / "scheduler_config.json")
+        _check_safetensors(folder / "unet" / "diffusion_pytorch_model.safetensors")
+        unet = _load_component(folder / "unet", lambda: UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True))
+        scheduler = _load_component(folder / "scheduler", lambda: DDPMScheduler.from_pretrained(folder / "scheduler"))
         if packaged:
             text_encoder, tokenizer = load_packaged_text_encoder(packaged)
         else:
             import transformers
 
-            encoder_class = getattr(transformers, index.get("text_encoder", [None, "AutoModel"])[1] or "AutoModel")
-            text_encoder = encoder_class.from_pretrained(folder / "text_encoder", use_safetensors=True)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "tokenizer")
+            encoder_name = (index.get("text_encoder") or [None, "AutoModel"])[1] or "AutoModel"
+            encoder_class = getattr(transformers, encoder_name, None)
+            if encoder_class is None:
+                raise UnrelearnError(f"{str(folder / 'model_index.json')!r} names text encoder class {encoder_name!r}, which transformers does not have")
+            text_encoder = _load_component(
+                folder / "text_encoder", lambda: encoder_class.from_pretrained(folder / "text_encoder", use_safetensors=True)
+            )
+            tokenizer = _load_component(folder / "tokenizer", lambda: transformers.AutoTokenizer.from_pretrained(folder / "tokenizer"))
         vae = None
         if (folder / "vae" / "config.json").is_file():
-            vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
+            vae = _load_component(folder / "vae", lambda: AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True))
         info = {k: v for k, v in extra.items() if k != "max_length"}
         info["diffusers_index"] = {k: v for k, v in index.items() if not k.startswith("_") or k == "_class_name"}
         model = cls(unet, text_encoder, tokenizer, scheduler, vae, max_length=extra.get("max_length"), info=info)
         return model.to(device)
+
+
+_COMPONENTS = ("unet", "scheduler", "text_encoder", "tokenizer", "vae", "text_encoder_2", "tokenizer_2")
+# The "unrelearn" entry of model_index.json: key -> (accepted types, what to write instead).
+_INFO_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "world": ((str,), "a world name"),
+    "text_encoder_package": ((str,), "a package name"),
+    "guidance": ((int, float), "a number"),
+    "max_length": ((int,), "a whole number"),
+}
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UnrelearnError(f"{str(path)!r} is not valid JSON ({error}); restore the file from the original model") from None
+    if not isinstance(value, dict):
+        raise UnrelearnError(f"{str(path)!r} must hold a JSON object, not a {type(value).__name__}; restore the file from the original model")
+    return value
+
+
+def read_model_index(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``model_index.json`` of a model folder, checked: (diffusers' index, the "unrelearn" entry).
+
+    Cheap (no weights are read), so commands can check a model's world and a concept before
+    loading anything.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UnrelearnError(f"model folder {str(folder)!r} does not exist")
+    path = folder / "model_index.json"
+    if not path.is_file():
+        raise UnrelearnError(f"model folder {str(folder)!r} has no model_index.json: it is not a diffusers model folder")
+    index = _read_json_object(path)
+    for name in _COMPONENTS:
+        entry = index.get(name)
+        if entry is not None and not (
+            isinstance(entry, list) and len(entry) == 2 and all(e is None or isinstance(e, str) for e in entry)
+        ):
+            raise UnrelearnError(
+                f"{str(path)!r}: entry {name!r} must be [library, class name] (e.g. [\"diffusers\", \"UNet2DConditionModel\"]), got {entry!r}"
+            )
+    extra = index.pop("unrelearn", {})
+    if not isinstance(extra, dict):
+        raise UnrelearnError(f"{str(path)!r}: entry 'unrelearn' must be a JSON object, got {extra!r}")
+    for key, (types, expected) in _INFO_TYPES.items():
+        value = extra.get(key)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            raise UnrelearnError(f"{str(path)!r}: unrelearn.{key} must be {expected}, got {value!r}")
+    if extra.get("max_length") is not None and extra["max_length"] < 1:
+        raise UnrelearnError(f"{str(path)!r}: unrelearn.max_length must be at least 1, got {extra['max_length']}")
+    return index, extra
+
+
+def _check_safetensors(path: Path) -> None:
+    """Fail with the file's name when a weights file is truncated or not safetensors at all."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            keys = list(weights.keys())
+    except (SafetensorError, OSError) as error:
+        raise UnrelearnError(f"{str(path)!r} is not a readable safetensors file ({error}); the file is damaged: copy it again") from None
+    size = path.stat().st_size
+    if not keys or size == 0:
+        raise UnrelearnError(f"{str(path)!r} holds no tensors; the file is damaged: copy it again")
+
+
+def _load_component(folder: Path, load: Callable[[], Any]) -> Any:
+    """Run a diffusers/transformers loader; a malformed component becomes one line naming the folder."""
+    from safetensors import SafetensorError
+
+    try:
+        return load()
+    except UnrelearnError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, SafetensorError) as error:
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        raise UnrelearnError(
+            f"cannot load {str(folder)!r} ({reason}); the folder is damaged or holds another architecture than its config.json says"
+        ) from None
 
 
 def copy_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:

@@ -11,6 +11,7 @@ diffusers ImageFolder convention) or a ``prompts.txt`` (one prompt per image, so
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Callable
@@ -39,6 +40,12 @@ class AttackData:
     def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
         picks = torch.randint(len(self.prompts), (size,), generator=generator)
         return self.images[picks], [self.prompts[i] for i in picks.tolist()]
+
+    def digest(self) -> str:
+        """sha256 of the images and prompts: a checkpoint resumes only on the data it was trained on."""
+        digest = hashlib.sha256(self.images.detach().cpu().contiguous().float().numpy().tobytes())
+        digest.update("\n".join(self.prompts).encode())
+        return digest.hexdigest()
 
 
 Builder = Callable[[World, ConceptSets, int, torch.Generator, "BuildContext"], tuple[list[Caption], torch.Tensor | None]]
@@ -157,11 +164,7 @@ def load_image_folder(folder: str | Path, resolution: int | None = None) -> Atta
         raise UnrelearnError(f"attack data folder {str(folder)!r} does not exist")
     metadata, prompts_file = folder / "metadata.jsonl", folder / "prompts.txt"
     if metadata.is_file():
-        rows = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
-        try:
-            pairs = [(folder / row["file_name"], str(row["text"])) for row in rows]
-        except KeyError as error:
-            raise UnrelearnError(f"{metadata} rows need 'file_name' and 'text' (missing {error})") from None
+        pairs = _read_metadata(metadata)
     elif prompts_file.is_file():
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         prompts = [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
@@ -185,3 +188,24 @@ def load_image_folder(folder: str | Path, resolution: int | None = None) -> Atta
             )
         images.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1))
     return AttackData(str(folder), torch.stack(images), [p for _, p in pairs], None)
+
+
+def _read_metadata(metadata: Path) -> list[tuple[Path, str]]:
+    """``(image path, prompt)`` per line of a diffusers ImageFolder ``metadata.jsonl``."""
+    folder = metadata.parent.resolve()
+    pairs = []
+    for number, line in enumerate(metadata.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{str(metadata)!r}, line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UnrelearnError(f"{where} is not JSON ({error.msg}); each line must be {{\"file_name\": ..., \"text\": ...}}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(row.get("text"), str):
+            raise UnrelearnError(f"{where} must be an object with text fields 'file_name' and 'text', got {line.strip()[:80]!r}")
+        path = (folder / row["file_name"]).resolve()
+        if not path.is_relative_to(folder):
+            raise UnrelearnError(f"{where}: file_name {row['file_name']!r} points outside the folder; images must lie inside it")
+        pairs.append((path, row["text"]))
+    return pairs

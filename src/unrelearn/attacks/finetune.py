@@ -10,51 +10,48 @@ durability curve, and the first step whose forget rate reaches the threshold is 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from unrelearn.attacks.data import build_attack_data
 from unrelearn.errors import UnrelearnError
 from unrelearn.evaluate import EvalConfig, evaluate
-from unrelearn.io import atomic_directory, ensure_writable_parent, library_versions
+from unrelearn.io import atomic_directory, ensure_writable_parent, library_versions, output_lock
 from unrelearn.model import DiffusionModel
-from unrelearn.training import TrainConfig, Trainer
+from unrelearn.options import NonNegativeFloat, NonNegativeInt, Options, PositiveInt
+from unrelearn.progress import stage
+from unrelearn.training import OptimizerName, TrainConfig, Trainer, parameter_digest
 from unrelearn.worlds import get_world
 
 ADAPTER_NAME = "attack"
 
 
 @dataclass
-class AttackConfig:
+class AttackConfig(Options):
     """An attacker's fine-tuning choices.
 
     Stable Diffusion defaults follow the Meta-Unlearning paper (Adam, lr 1e-5, up to 300
     steps). ``EMBEDDED_DEFAULTS`` holds the embedded world's own, chosen by measurement.
     """
 
-    data: str = "hrm-m"
-    steps: int = 300
-    lr: float = 1e-5
-    optimizer: str = "adam"
-    batch_size: int = 8
-    seed: int = 0
-    mode: str = "full"
-    lora_rank: int = 4
-    lora_targets: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
-    data_size: int = 256
-    checkpoint_every: int = 50
+    option_owner: ClassVar[str] = "attack"
 
-    def __post_init__(self) -> None:
-        if self.mode not in ("full", "lora"):
-            raise UnrelearnError(f"attack mode must be 'full' or 'lora', got {self.mode!r}")
-        if self.steps < 1:
-            raise UnrelearnError(f"attack steps must be at least 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise UnrelearnError(f"batch size must be at least 1, got {self.batch_size}")
+    data: str = "hrm-m"
+    steps: PositiveInt = 300
+    lr: NonNegativeFloat = 1e-5
+    optimizer: OptimizerName = "adam"
+    batch_size: PositiveInt = 8
+    seed: int = 0
+    mode: Literal["full", "lora"] = "full"
+    lora_rank: PositiveInt = 4
+    lora_targets: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    data_size: PositiveInt = 256
+    checkpoint_every: NonNegativeInt = 50
 
 
 # lr 1e-4: both the malicious (hrm-m) and the benign (dimra-aux) attack restore an ESD-erased
@@ -72,7 +69,9 @@ def parse_eval_at(text: str | list[int], steps: int) -> list[int]:
     if points[0] < 0:
         raise UnrelearnError(f"--eval-at steps must be >= 0, got {points[0]}")
     if points[-1] > steps:
-        raise UnrelearnError(f"--eval-at asks for step {points[-1]} but the attack runs only {steps} steps; raise --steps")
+        raise UnrelearnError(
+            f"--eval-at asks for step {points[-1]} but the attack runs only {steps} steps; lower --eval-at or raise --steps"
+        )
     return points
 
 
@@ -86,10 +85,14 @@ def add_lora(unet: torch.nn.Module, config: AttackConfig) -> dict[str, torch.nn.
     lora = LoraConfig(
         r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian", target_modules=config.lora_targets
     )
-    try:
-        unet.add_adapter(lora, adapter_name=ADAPTER_NAME)
-    except ValueError as error:
-        raise UnrelearnError(f"cannot add the LoRA adapter: {error}") from None
+    # peft draws the initial adapter from torch's global generator; seeding it from the attack's
+    # seed makes a LoRA attack as reproducible as a full one.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        try:
+            unet.add_adapter(lora, adapter_name=ADAPTER_NAME)
+        except ValueError as error:
+            raise UnrelearnError(f"cannot add the LoRA adapter: {' '.join(str(error).split())}") from None
     return {name: p for name, p in unet.named_parameters() if "lora_" in name and p.requires_grad}
 
 
@@ -115,7 +118,11 @@ def attack(
     original_model: DiffusionModel | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Fine-tune ``model`` on ``config.data``; write ``out/curve.json``, ``curve.png``, ``run.json``, ``model/``."""
+    """Fine-tune ``model`` on ``config.data``; write ``out/curve.json``, ``curve.png``, ``run.json``, ``model/``.
+
+    Checkpoints go to ``OUT.checkpoint`` every ``config.checkpoint_every`` steps, with the curve
+    so far; a re-run with the same settings resumes there.
+    """
     out = Path(out)
     ensure_writable_parent(out)
     if model.world is None:
@@ -123,8 +130,24 @@ def attack(
     world = get_world(model.world)
     sets = world.concept_sets(concept)
     eval_at = parse_eval_at(eval_at, config.steps)
+    if threshold is None and reference_rate is None:
+        raise UnrelearnError("give a relearning threshold or the base model's forget rate (reference_rate)")
+    with output_lock(out):
+        return _attack(model, concept, config, out, eval_at, eval_config, threshold, reference_rate, original_model,
+                       progress, world, sets)  # fmt: skip
+
+
+def _attack(
+    model: DiffusionModel, concept: str, config: AttackConfig, out: Path, eval_at: list[int], eval_config: EvalConfig,
+    threshold: float | None, reference_rate: float | None, original_model: DiffusionModel | None, progress: bool,
+    world: Any, sets: Any,
+) -> dict[str, Any]:  # fmt: skip
     resolution = model.unet.config.sample_size if model.vae is None else None
     data = build_attack_data(config.data, world, sets, config.data_size, config.seed, original_model, resolution)
+    settings = {
+        "attack": asdict(config), "concept": concept, "eval_at": eval_at, "eval": asdict(eval_config),
+        "source_model_sha256": parameter_digest(model.unet), "data_sha256": data.digest(),
+    }  # fmt: skip
 
     if config.mode == "lora":
         params = add_lora(model.unet, config)
@@ -140,7 +163,8 @@ def attack(
         steps=config.steps, lr=config.lr, optimizer=config.optimizer, seed=config.seed, grad_clip=None,
         checkpoint_every=config.checkpoint_every,
     )  # fmt: skip
-    trainer = Trainer(params, loss_fn, train_config, checkpoints, progress, description=f"attack {config.data}")
+    description = f"attack {config.data}"
+    trainer = Trainer(params, loss_fn, train_config, checkpoints, progress, description=description, settings=settings)
 
     def evaluate_at(step: int) -> None:
         trainer.extra_state.setdefault("curve", [])
@@ -148,9 +172,11 @@ def attack(
             return
         result = evaluate(model, concept, eval_config, world.name, progress=False)
         m = result.metrics
-        trainer.extra_state["curve"].append(
-            {"step": step, **{k: m[k] for k in ("forget_rate", "forget_rate_ci", "retain_alignment", "retain_alignment_ci", "fid")}}
-        )
+        point = {"step": step, **{k: m[k] for k in ("forget_rate", "forget_rate_ci", "retain_alignment", "retain_alignment_ci", "fid")}}
+        trainer.extra_state["curve"].append(point)
+        lo, hi = m["forget_rate_ci"]
+        stage(f"{description}: evaluated at step {step}/{config.steps}: forget rate {m['forget_rate']:.3f} "
+              f"[{lo:.3f}, {hi:.3f}], retain alignment {m['retain_alignment']:.3f}", progress)  # fmt: skip
 
     trainer.on_step = evaluate_at
     trainer.on_start = evaluate_at  # step 0 = the model before the attack (skipped on resume)
@@ -160,8 +186,6 @@ def attack(
     if config.mode == "lora":
         fuse_lora(model.unet)
     if threshold is None:
-        if reference_rate is None:
-            raise UnrelearnError("give a relearning threshold or the base model's forget rate (reference_rate)")
         threshold = 0.5 * reference_rate
     summary = {
         "concept": concept,
@@ -180,6 +204,7 @@ def attack(
         "resumed_from_step": result.resumed_from,
         "trained_parameters": sum(p.numel() for p in params.values()),
         "wall_seconds": time.perf_counter() - began,
+        "device": str(model.device),
         "versions": library_versions(),
         "source_model": model.info.get("unlearned"),
     }
@@ -189,8 +214,6 @@ def attack(
         (tmp / "curve.json").write_text(json.dumps(summary, indent=2) + "\n")
         (tmp / "run.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
         plot_curves({config.data: points}, tmp / "curve.png", threshold, title=f"{concept}: attack with {config.data}")
-    import shutil
-
     shutil.rmtree(checkpoints, ignore_errors=True)
     return summary
 

@@ -8,19 +8,22 @@ methods edit weights directly.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import shutil
 import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from unrelearn.errors import UnrelearnError
-from unrelearn.io import ensure_writable_parent, library_versions, write_json_atomic
+from unrelearn.io import ensure_writable_parent, library_versions, output_lock
 from unrelearn.model import DiffusionModel, copy_unet
-from unrelearn.training import TrainConfig, Trainer
+from unrelearn.options import NonNegativeFloat, NonNegativeInt, Options, PositiveFloat, PositiveInt, check_options
+from unrelearn.training import OptimizerName, TrainConfig, Trainer, parameter_digest
 from unrelearn.worlds import ConceptSets, World, get_world
 from unrelearn.worlds.base import Caption
 
@@ -32,6 +35,7 @@ SCOPES: dict[str, tuple[str, str]] = {
     "u": (r"^(?!.*\.attn2\.)(?!time_embedding\.)(?!conv_out\.)", "everything but cross-attention, time embedding, conv_out (ESD-u)"),
     "f": (r"", "all UNet parameters (ESD-f)"),
 }
+ScopeName = Literal["x", "u", "f"]
 
 
 def select_parameters(unet: torch.nn.Module, scope: str) -> dict[str, torch.nn.Parameter]:
@@ -46,17 +50,24 @@ def select_parameters(unet: torch.nn.Module, scope: str) -> dict[str, torch.nn.P
 
 
 @dataclass
-class OptimizationConfig:
+class MethodConfig(Options):
+    """What every method takes: the seed of its randomness (recorded even where it draws none,
+    so one ``--seed`` works across a loop over methods)."""
+
+    seed: int = 0
+
+
+@dataclass
+class OptimizationConfig(MethodConfig):
     """What every optimization-based method shares (its paper's defaults per method)."""
 
-    steps: int = 1000
-    lr: float = 1e-5
-    optimizer: str = "adam"
-    batch_size: int = 1
-    weight_decay: float = 0.0
-    grad_clip: float | None = None
-    seed: int = 0
-    checkpoint_every: int = 0
+    steps: PositiveInt = 1000
+    lr: NonNegativeFloat = 1e-5
+    optimizer: OptimizerName = "adam"
+    batch_size: PositiveInt = 1
+    weight_decay: NonNegativeFloat = 0.0
+    grad_clip: PositiveFloat | None = None
+    checkpoint_every: NonNegativeInt = 0
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -74,12 +85,21 @@ class Method(ABC):
     # measurement (see docs/).
     embedded_defaults: ClassVar[dict[str, Any]] = {}
 
+    # Whether the method's loss reads the frozen original UNet theta* (ESD's targets).
+    uses_teacher: ClassVar[bool] = False
+
     def __init__(self, model: DiffusionModel, sets: ConceptSets, config: Any, world: World | None = None) -> None:
         self.model = model
         self.sets = sets
         self.world = world
         self.config = config
-        self._teacher: torch.nn.Module | None = None
+        # theta* is copied here, before a trainer can load a checkpoint into the live weights: a
+        # resumed run must erase against the original model, not against its own partial result.
+        self._teacher: torch.nn.Module | None = copy_unet(model.unet) if self.needs_teacher() else None
+
+    def needs_teacher(self) -> bool:
+        """ESD-style targets read theta*; without a world, training images are theta*'s samples too."""
+        return self.uses_teacher or (self.world is None and not self.closed_form)
 
     def pick(self, pool: list[Caption], generator: torch.Generator) -> list[Caption]:
         """A batch of ``config.batch_size`` captions drawn with replacement."""
@@ -117,9 +137,9 @@ class Method(ABC):
 
     @property
     def teacher(self) -> torch.nn.Module:
-        """The frozen original UNet ``theta*``, copied on first use."""
+        """The frozen original UNet ``theta*``, as it was when the method was built."""
         if self._teacher is None:
-            self._teacher = copy_unet(self.model.unet)
+            raise RuntimeError(f"method {self.name!r} reads the frozen teacher; set uses_teacher = True on its class")
         return self._teacher
 
 
@@ -174,12 +194,16 @@ def resolve_method(name: str) -> tuple[type[Method], dict[str, Any]]:
 
 
 def build_config(cls: type[Method], world: str | None, overrides: dict[str, Any]) -> Any:
-    known = {f.name for f in fields(cls.Config)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise UnrelearnError(f"method {cls.name!r} has no option {', '.join(unknown)}; its options: {', '.join(sorted(known))}")
-    values = (dict(cls.embedded_defaults) if world is not None else {}) | overrides
+    """The method's config: its paper's defaults, the world's embedded defaults, then ``overrides``."""
+    values = (dict(cls.embedded_defaults) if world is not None else {}) | check_method_options(cls, overrides)
     return cls.Config(**values)
+
+
+def check_method_options(cls: type[Method], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Type- and range-check user options before anything is loaded (the CLI calls this first)."""
+    if cls.closed_form and "steps" in overrides:
+        raise UnrelearnError(f"{cls.name} is closed-form: it takes no --steps")
+    return check_options(cls.Config, overrides, cls.name)
 
 
 def unlearn(
@@ -192,11 +216,13 @@ def unlearn(
     progress: bool = True,
     resume: bool = True,
 ) -> dict[str, Any]:
-    """Unlearn ``concept`` from ``model`` in place; with ``out``, save the folder and run.json."""
+    """Unlearn ``concept`` from ``model`` in place; with ``out``, save the folder and run.json.
+
+    With ``out``, checkpoints go to ``OUT.checkpoint`` and a re-run with the same settings resumes
+    from them; a checkpoint of other settings (or of another source model) is refused.
+    """
     overrides = dict(overrides or {})
     cls, variant = resolve_method(method)
-    if cls.closed_form and "steps" in overrides:
-        raise UnrelearnError(f"{cls.name} is closed-form: it takes no --steps")
     world_name = world_name or model.world
     if world_name is None:
         raise UnrelearnError("this model names no world; pass --world")
@@ -206,18 +232,32 @@ def unlearn(
     if out is not None:
         out = Path(out)
         ensure_writable_parent(out)
-    instance = cls(model, sets, config, world)
+    with output_lock(out) if out is not None else contextlib.nullcontext():
+        return _unlearn(model, cls, method, concept, world, sets, config, out, progress, resume)
+
+
+def _unlearn(
+    model: DiffusionModel, cls: type[Method], method: str, concept: str, world: World, sets: ConceptSets, config: Any,
+    out: Path | None, progress: bool, resume: bool,
+) -> dict[str, Any]:  # fmt: skip
     began = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     record: dict[str, Any] = {"method": method, "family": cls.name, "concept": concept, "config": asdict(config)}
-    if isinstance(instance, ClosedFormMethod):
+    checkpoints = out.with_name(f"{out.name}.checkpoint") if out is not None else None
+    if issubclass(cls, ClosedFormMethod):
+        instance = cls(model, sets, config, world)
         record["stats"] = instance.apply()
     else:
-        checkpoints = out.with_name(f"{out.name}.checkpoint") if out is not None else None
+        # The digest is taken before the method sees the model: it names the weights this run
+        # starts from, which a checkpoint must share to be resumed.
+        settings = {"method": cls.name, "concept": concept, "world": world.name, "config": asdict(config),
+                    "source_model_sha256": parameter_digest(model.unet)}  # fmt: skip
+        instance = cls(model, sets, config, world)
         trainer = Trainer(
-            instance.parameters(), instance.loss, instance.train_config(), checkpoints, progress, description=method
-        )
+            instance.parameters(), instance.loss, instance.train_config(), checkpoints, progress, description=method,
+            settings=settings,
+        )  # fmt: skip
         instance.bind(trainer)
         model.unet.train()
         result = trainer.run(resume=resume)
@@ -228,15 +268,13 @@ def unlearn(
         record["trained_parameters"] = sum(p.numel() for p in instance.parameters().values())
     record["wall_seconds"] = time.perf_counter() - began
     record["peak_memory_bytes"] = _peak_memory()
+    record["device"] = str(model.device)
     record["versions"] = library_versions()
     model.info["unlearned"] = {"method": method, "concept": concept}
     if out is not None:
-        model.save(out)
-        write_json_atomic(out / "run.json", record)
-        if not cls.closed_form:
-            import shutil
-
-            shutil.rmtree(out.with_name(f"{out.name}.checkpoint"), ignore_errors=True)
+        model.save(out, extra_files={"run.json": record})
+        if checkpoints is not None:
+            shutil.rmtree(checkpoints, ignore_errors=True)
     return record
 
 

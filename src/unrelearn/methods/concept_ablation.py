@@ -6,7 +6,16 @@ from dataclasses import dataclass
 
 import torch
 
-from unrelearn.methods.base import OptimizationConfig, OptimizationMethod, register_method, select_parameters
+from typing import ClassVar
+
+from unrelearn.methods.base import (
+    OptimizationConfig,
+    OptimizationMethod,
+    ScopeName,
+    register_method,
+    select_parameters,
+)
+from unrelearn.options import NonNegativeFloat, PositiveInt
 from unrelearn.worlds.base import Caption
 
 
@@ -15,11 +24,11 @@ class ConceptAblationConfig(OptimizationConfig):
     """Paper defaults: cross-attention k/v fine-tuning (here the whole cross-attention scope),
     lr 2e-6 x batch 8 (~1.6e-5 effective), 400 steps; anchor = a neighbouring concept."""
 
-    steps: int = 400
-    lr: float = 2e-6
-    batch_size: int = 8
-    scope: str = "x"
-    anchor_weight: float = 1.0
+    steps: PositiveInt = 400
+    lr: NonNegativeFloat = 2e-6
+    batch_size: PositiveInt = 8
+    scope: ScopeName = "x"
+    anchor_weight: NonNegativeFloat = 1.0
 
 
 @register_method
@@ -30,7 +39,7 @@ class ConceptAblation(OptimizationMethod):
     name = "ca"
     summary = "Concept Ablation: match the forget prompt's prediction to the anchor concept's on anchor images"
     Config = ConceptAblationConfig
-    embedded_defaults = {"steps": 200, "lr": 3e-4}
+    embedded_defaults: ClassVar[dict] = {"steps": 200, "lr": 3e-4}
 
     def parameters(self) -> dict[str, torch.nn.Parameter]:
         return select_parameters(self.model.unet, self.config.scope)

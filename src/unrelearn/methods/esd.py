@@ -7,8 +7,16 @@ from dataclasses import dataclass
 
 import torch
 
-from unrelearn.errors import UnrelearnError
-from unrelearn.methods.base import OptimizationConfig, OptimizationMethod, register_method, select_parameters
+from typing import Annotated, ClassVar, Literal
+
+from unrelearn.methods.base import (
+    OptimizationConfig,
+    OptimizationMethod,
+    ScopeName,
+    register_method,
+    select_parameters,
+)
+from unrelearn.options import NonNegativeFloat, Range
 
 
 def esd_target(eps_uncond: torch.Tensor, eps_concept: torch.Tensor, eta: float) -> torch.Tensor:
@@ -31,15 +39,12 @@ class ESDConfig(OptimizationConfig):
     The targets always come from the frozen model.
     """
 
-    scope: str = "u"
-    eta: float = 1.0
-    ddim_steps: int = 50
-    sample_guidance: float = 3.0
-    x_t_from: str = "frozen"
-
-    def __post_init__(self) -> None:
-        if self.x_t_from not in ("frozen", "trained"):
-            raise UnrelearnError(f"esd: x_t_from must be 'frozen' or 'trained', got {self.x_t_from!r}")
+    scope: ScopeName = "u"
+    eta: NonNegativeFloat = 1.0
+    # x_t is taken after a random number of sampler steps in [1, ddim_steps): at least 2.
+    ddim_steps: Annotated[int, Range(low=2)] = 50
+    sample_guidance: NonNegativeFloat = 3.0
+    x_t_from: Literal["frozen", "trained"] = "frozen"
 
 
 @register_method
@@ -53,9 +58,10 @@ class ESD(OptimizationMethod):
     name = "esd"
     summary = "ESD: steer eps(x_t, c) to negatively guided frozen predictions (variants esd-{x,u,f}-{eta})"
     Config = ESDConfig
+    uses_teacher = True
     # Steps, not lr, are what erase here (esd-u-1 on circle, 64 samples: 200 steps 0.33,
     # lr 2e-4 0.31, 400 steps 0.08; sampling x_t at guidance 1.5 instead of 3: 0.36).
-    embedded_defaults = {"steps": 400, "lr": 1e-4, "batch_size": 8, "ddim_steps": 10}
+    embedded_defaults: ClassVar[dict] = {"steps": 400, "lr": 1e-4, "batch_size": 8, "ddim_steps": 10}
 
     @staticmethod
     def parse_variant(name: str) -> dict | None:

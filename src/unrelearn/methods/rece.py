@@ -8,6 +8,7 @@ import torch
 
 from unrelearn.methods.base import ClosedFormMethod, register_method
 from unrelearn.methods.uce import UCE, UCEConfig, cross_attention_projections
+from unrelearn.options import NonNegativeFloat, NonNegativeInt, PositiveFloat
 
 
 def adversarial_embedding(
@@ -34,9 +35,9 @@ class RECEConfig(UCEConfig):
     """UCE's options plus RECE's loop (official code: 3 epochs for nudity, regularizer 0.1,
     adversarial embeddings mapped to the guide with preserve scale 0.1)."""
 
-    epochs: int = 3
-    regularizer: float = 0.1
-    adversarial_preserve_scale: float = 0.1
+    epochs: NonNegativeInt = 3
+    regularizer: PositiveFloat = 0.1
+    adversarial_preserve_scale: NonNegativeFloat = 0.1
 
 
 @register_method

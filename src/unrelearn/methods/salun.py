@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from typing import Annotated, ClassVar
+
 from unrelearn.methods.base import OptimizationConfig, OptimizationMethod, register_method
+from unrelearn.options import NonNegativeFloat, PositiveInt, Range
 from unrelearn.training import Trainer
 from unrelearn.worlds.base import Caption
 
@@ -25,12 +28,12 @@ class SalUnConfig(OptimizationConfig):
     lr 1e-4, batch 128, 1000 iterations; forget prompts paired with images of the "next"
     concept (``alternative``)."""
 
-    steps: int = 1000
-    lr: float = 1e-4
-    batch_size: int = 128
-    mask_fraction: float = 0.5
-    mask_batches: int = 8
-    retain_weight: float = 1e-3
+    steps: PositiveInt = 1000
+    lr: NonNegativeFloat = 1e-4
+    batch_size: PositiveInt = 128
+    mask_fraction: Annotated[float, Range(low=0, high=1, above_low=True)] = 0.5
+    mask_batches: PositiveInt = 8
+    retain_weight: NonNegativeFloat = 1e-3
 
 
 @register_method
@@ -40,7 +43,7 @@ class SalUn(OptimizationMethod):
     name = "salun"
     summary = "SalUn: relabel forget prompts to another concept's images, training only gradient-salient weights"
     Config = SalUnConfig
-    embedded_defaults = {"steps": 200, "batch_size": 16, "retain_weight": 1.0, "mask_batches": 4}
+    embedded_defaults: ClassVar[dict] = {"steps": 200, "batch_size": 16, "retain_weight": 1.0, "mask_batches": 4}
 
     def parameters(self) -> dict[str, torch.nn.Parameter]:
         return dict(self.model.unet.named_parameters())

@@ -7,9 +7,18 @@ from dataclasses import dataclass
 
 import torch
 
-from unrelearn.methods.base import OptimizationConfig, OptimizationMethod, register_method, select_parameters
+from typing import Annotated, ClassVar
+
+from unrelearn.methods.base import (
+    OptimizationConfig,
+    OptimizationMethod,
+    ScopeName,
+    register_method,
+    select_parameters,
+)
 from unrelearn.model import copy_unet
-from unrelearn.training import TrainConfig, Trainer
+from unrelearn.options import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, Range
+from unrelearn.training import OptimizerName, TrainConfig, Trainer
 
 
 @dataclass
@@ -17,14 +26,14 @@ class SDDConfig(OptimizationConfig):
     """Official-code defaults: 1500 steps, AdamW lr 1e-5 (weight decay 1e-4), batch 1, clip 1.0,
     EMA decay 0.999, cross-attention scope, ``z_t`` from DDIM 50 with guidance 3."""
 
-    steps: int = 1500
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-4
-    grad_clip: float | None = 1.0
-    scope: str = "x"
-    ema_decay: float = 0.999
-    ddim_steps: int = 50
-    sample_guidance: float = 3.0
+    steps: PositiveInt = 1500
+    optimizer: OptimizerName = "adamw"
+    weight_decay: NonNegativeFloat = 1e-4
+    grad_clip: PositiveFloat | None = 1.0
+    scope: ScopeName = "x"
+    ema_decay: Fraction = 0.999
+    ddim_steps: Annotated[int, Range(low=2)] = 50
+    sample_guidance: NonNegativeFloat = 3.0
 
 
 @register_method
@@ -39,7 +48,7 @@ class SDD(OptimizationMethod):
     # at 1e-3 0.41; 400 steps at 5e-4 0.31 / 0.86, at 1e-3 0.23 / 0.86; scope u instead of x
     # (200 steps, 5e-4) 0.52 / 0.69. Erasing to the unconditional prediction cannot go below
     # the unconditional rate (about one shape in six).
-    embedded_defaults = {"steps": 400, "lr": 1e-3, "batch_size": 8, "ddim_steps": 10, "ema_decay": 0.99}
+    embedded_defaults: ClassVar[dict] = {"steps": 400, "lr": 1e-3, "batch_size": 8, "ddim_steps": 10, "ema_decay": 0.99}
 
     def bind(self, trainer: Trainer) -> None:
         self.trainer = trainer

@@ -7,7 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from unrelearn.errors import UnrelearnError
-from unrelearn.methods.base import ClosedFormMethod, register_method
+from typing import ClassVar
+
+from unrelearn.methods.base import ClosedFormMethod, MethodConfig, register_method
+from unrelearn.options import NonNegativeFloat, PositiveFloat
 
 
 def uce_solve(
@@ -47,7 +50,7 @@ ALTERNATIVE_GUIDE = "<alternative>"
 
 
 @dataclass
-class UCEConfig:
+class UCEConfig(MethodConfig):
     """UCE's options; defaults from the official code (lambda 0.5, erase and preserve scales 1).
 
     ``guide``: the prompt the forget prompts are mapped to: ``""`` (the empty prompt, the
@@ -59,9 +62,10 @@ class UCEConfig:
     """
 
     guide: str = ""
-    erase_scale: float = 1.0
-    preserve_scale: float = 1.0
-    lam: float = 0.5
+    erase_scale: NonNegativeFloat = 1.0
+    preserve_scale: NonNegativeFloat = 1.0
+    # Positive: it keeps the solve's Gram matrix invertible.
+    lam: PositiveFloat = 0.5
     preserve_clean: bool = False
 
 
@@ -73,7 +77,7 @@ class UCE(ClosedFormMethod):
     # The empty-prompt guide can only bring a concept down to its unconditional rate (about 1/6
     # of shapes, 1/3 of textures), above a quarter of the base rate; mapping to the alternative
     # concept and preserving the benign prompts too is what meets the bar (docs/methods_table.md).
-    embedded_defaults = {"guide": ALTERNATIVE_GUIDE, "preserve_clean": True}
+    embedded_defaults: ClassVar[dict] = {"guide": ALTERNATIVE_GUIDE, "preserve_clean": True}
 
     def guide_prompt(self) -> str:
         if self.config.guide != ALTERNATIVE_GUIDE:

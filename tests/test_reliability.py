@@ -1,0 +1,336 @@
+"""Runs you can trust: interrupted runs resume to the uninterrupted result, checkpoints belong to
+their settings, blow-ups are caught before anything is saved, and every output is readable."""
+
+import json
+import math
+import os
+import stat
+
+import pytest
+import torch
+from conftest import tiny_unet
+from diffusers import DDPMScheduler
+from safetensors.torch import load_file
+
+from unrelearn.errors import UnrelearnError
+from unrelearn.methods import method_names, resolve_method, unlearn
+from unrelearn.model import DiffusionModel
+from unrelearn.training import TrainConfig, Trainer
+
+# Fast settings for every registered method. A method added to the registry without an entry
+# here fails test_every_method_has_fast_settings, so resume equality cannot silently skip it.
+FAST = {
+    "esd": {"steps": 4, "batch_size": 2, "ddim_steps": 4},
+    "sdd": {"steps": 4, "batch_size": 2, "ddim_steps": 4, "ema_decay": 0.5},
+    "salun": {"steps": 4, "batch_size": 2, "mask_batches": 1},
+    "ca": {"steps": 4, "batch_size": 2},
+    "erasediff": {"steps": 4, "batch_size": 2},
+    "uce": {},
+    "rece": {"epochs": 2},
+}
+# Learning rates large enough that a resumed run with the wrong teacher, batch or optimizer
+# state ends measurably elsewhere.
+FAST_LR = 1e-2
+
+
+def fresh_model(minilm) -> DiffusionModel:
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    return DiffusionModel(tiny_unet(), *minilm, scheduler, max_length=20, info={"world": "shapes"})
+
+
+def unet_weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_every_method_has_fast_settings():
+    assert set(FAST) == set(method_names())
+
+
+def _options(method: str) -> dict:
+    cls, _ = resolve_method(method)
+    if cls.closed_form:
+        return dict(FAST[method])
+    return FAST[method] | {"lr": FAST_LR, "checkpoint_every": 2}
+
+
+@pytest.mark.parametrize("method", sorted(FAST))
+def test_interrupted_then_resumed_run_gives_the_uninterrupted_weights(method, minilm, tmp_path, monkeypatch):
+    """Kill every registered method after its first checkpoint (closed-form ones while saving),
+    run it again, and get the uninterrupted model bit for bit."""
+    cls, _ = resolve_method(method)
+    options = _options(method)
+    unlearn(fresh_model(minilm), method, "circle", out=tmp_path / "straight", overrides=options, progress=False)
+
+    with monkeypatch.context() as patch:
+        if cls.closed_form:
+            def killed(self, folder, **kwargs):
+                raise KeyboardInterrupt
+
+            patch.setattr(DiffusionModel, "save", killed)
+        else:
+            original = Trainer.save_checkpoint
+
+            def killed(self, step, losses):
+                original(self, step, losses)
+                raise KeyboardInterrupt
+
+            patch.setattr(Trainer, "save_checkpoint", killed)
+        with pytest.raises(KeyboardInterrupt):
+            unlearn(fresh_model(minilm), method, "circle", out=tmp_path / "resumed", overrides=options, progress=False)
+    assert not (tmp_path / "resumed").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    # A fresh process would start from the original weights again; everything else must come
+    # from the checkpoint.
+    record = unlearn(fresh_model(minilm), method, "circle", out=tmp_path / "resumed", overrides=options, progress=False)
+    if not cls.closed_form:
+        assert record["resumed_from_step"] == 2
+    straight, resumed = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "resumed")
+    differing = [name for name in straight if not torch.equal(straight[name], resumed[name])]
+    assert differing == [], f"{len(differing)} of {len(straight)} tensors differ"
+
+
+def test_esd_teacher_is_the_original_model_even_when_resumed(minilm, tmp_path):
+    """The frozen theta* is the model as it was given, not the weights a checkpoint loads."""
+    model = fresh_model(minilm)
+    original = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+    cls, _ = resolve_method("esd-u-1")
+    from unrelearn.worlds import get_world
+
+    world = get_world("shapes")
+    method = cls(model, world.concept_sets("circle"), cls.Config(**FAST["esd"]), world)
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(1.0)  # what loading a checkpoint does to the live weights
+    teacher = dict(method.teacher.named_parameters())
+    assert all(torch.equal(teacher[n], original[n]) for n in original)
+
+
+def _interrupt_after_first_checkpoint(monkeypatch):
+    original = Trainer.save_checkpoint
+
+    def killed(self, step, losses):
+        original(self, step, losses)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", killed)
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"lr": 2e-2}, "lr"),
+        ({"seed": 1}, "seed"),
+        ({"steps": 3}, "steps"),
+        ({"eta": 3.0}, "eta"),
+        ({"checkpoint_every": 1}, None),  # how often to save does not change the result
+    ],
+)
+def test_a_checkpoint_resumes_only_the_run_it_belongs_to(minilm, tmp_path, monkeypatch, change, named):
+    options = FAST["esd"] | {"lr": FAST_LR, "checkpoint_every": 2}
+    with monkeypatch.context() as patch:
+        _interrupt_after_first_checkpoint(patch)
+        with pytest.raises(KeyboardInterrupt):
+            unlearn(fresh_model(minilm), "esd-u-1", "circle", out=tmp_path / "out", overrides=options, progress=False)
+    checkpoint = tmp_path / "out.checkpoint"
+    assert checkpoint.is_dir()
+    if named is None:
+        record = unlearn(fresh_model(minilm), "esd-u-1", "circle", out=tmp_path / "out", overrides=options | change,
+                         progress=False)  # fmt: skip
+        assert record["resumed_from_step"] == 2
+        return
+    with pytest.raises(UnrelearnError) as error:
+        unlearn(fresh_model(minilm), "esd-u-1", "circle", out=tmp_path / "out", overrides=options | change, progress=False)
+    message = str(error.value)
+    assert "\n" not in message and named in message and str(checkpoint) in message
+    assert "same settings" in message and "delete" in message
+    assert not (tmp_path / "out").exists() and checkpoint.is_dir()
+
+
+def test_a_checkpoint_of_another_source_model_is_refused(minilm, tmp_path, monkeypatch):
+    options = FAST["esd"] | {"lr": FAST_LR, "checkpoint_every": 2}
+    with monkeypatch.context() as patch:
+        _interrupt_after_first_checkpoint(patch)
+        with pytest.raises(KeyboardInterrupt):
+            unlearn(fresh_model(minilm), "esd-u-1", "circle", out=tmp_path / "out", overrides=options, progress=False)
+    other = fresh_model(minilm)
+    with torch.no_grad():
+        next(other.unet.parameters()).add_(1.0)
+    with pytest.raises(UnrelearnError, match="source model"):
+        unlearn(other, "esd-u-1", "circle", out=tmp_path / "out", overrides=options, progress=False)
+
+
+def test_two_runs_cannot_write_one_output_at_once(minilm, tmp_path):
+    from unrelearn.io import output_lock
+
+    with output_lock(tmp_path / "out"):
+        with pytest.raises(UnrelearnError, match="another unrelearn run is writing"):
+            unlearn(fresh_model(minilm), "uce", "circle", out=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    unlearn(fresh_model(minilm), "uce", "circle", out=tmp_path / "out", progress=False)  # the lock is released
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _problem():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+    def loss_fn(step, generator):
+        x = torch.randn(16, 4, generator=generator)
+        return ((net(x) - x.sum(1, keepdim=True)) ** 2).mean()
+
+    return net, loss_fn
+
+
+def _blowing_up_at(step_index: int, factor: float):
+    net, loss_fn = _problem()
+
+    def loss(step, generator):
+        value = loss_fn(step, generator)
+        return value * factor if step == step_index else value
+
+    return net, loss
+
+
+@pytest.mark.parametrize("factor", [1e30, float("inf")])
+def test_a_blown_up_update_is_caught_before_the_next_checkpoint(tmp_path, factor):
+    # The update of step 5 explodes; a checkpoint is due right after it (step 6). The
+    # checkpoint on disk must stay the good one of step 4.
+    net, loss = _blowing_up_at(5, factor)
+    config = TrainConfig(steps=10, lr=1e-2, optimizer="sgd", grad_clip=None, checkpoint_every=2)
+    trainer = Trainer(dict(net.named_parameters()), loss, config, tmp_path / "ckpt", progress=False)
+    with pytest.raises(UnrelearnError) as error:
+        trainer.run()
+    message = str(error.value)
+    assert "step 5" in message and "delete" in message and str(tmp_path / "ckpt") in message
+    state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    assert state["step"] == 4
+    saved = load_file(str(tmp_path / "ckpt" / "params.safetensors"))
+    assert all(torch.isfinite(t).all() and t.abs().max() < 100 for t in saved.values())
+
+
+def test_a_blow_up_in_the_last_step_fails_the_run():
+    net, loss = _blowing_up_at(5, 1e30)
+    trainer = Trainer(dict(net.named_parameters()), loss, TrainConfig(steps=6, lr=1e-2, optimizer="sgd", grad_clip=None),
+                      progress=False)  # fmt: skip
+    with pytest.raises(UnrelearnError, match="step 5"):
+        trainer.run()
+
+
+def test_a_method_that_blows_up_writes_no_model(minilm, tmp_path):
+    options = FAST["esd"] | {"lr": 1e12, "optimizer": "sgd"}
+    with pytest.raises(UnrelearnError, match="blew up"):
+        unlearn(fresh_model(minilm), "esd-u-1", "circle", out=tmp_path / "out", overrides=options, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_saved_files_follow_the_umask(minilm, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        fresh_model(minilm).save(tmp_path / "model")
+    finally:
+        os.umask(previous)
+    for path in [tmp_path / "model", *(tmp_path / "model").rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
+
+
+def test_every_method_accepts_and_records_a_seed(minilm):
+    for method in method_names():
+        record = unlearn(fresh_model(minilm), method, "circle", overrides=_options(method) | {"seed": 7}, progress=False)
+        assert record["config"]["seed"] == 7, method
+
+
+@pytest.mark.parametrize(
+    "method, options, fragment",
+    [
+        ("esd-u-1", {"eta": "abc"}, "eta"),
+        ("esd-u-1", {"steps": 1.5}, "steps"),
+        ("esd-u-1", {"lr": "abc"}, "lr"),
+        ("esd-u-1", {"lr": float("nan")}, "lr"),
+        ("esd-u-1", {"ddim_steps": 1}, "ddim_steps"),
+        ("esd-u-1", {"batch_size": 0}, "batch_size"),
+        ("esd-u-1", {"steps": 0}, "steps"),
+        ("esd-u-1", {"scope": "z"}, "scope"),
+        ("salun", {"mask_fraction": 1.5}, "mask_fraction"),
+        ("uce", {"preserve_clean": "maybe"}, "preserve_clean"),
+        ("sdd", {"grad_clip": -1}, "grad_clip"),
+    ],
+)
+def test_option_values_are_checked_against_their_types_and_ranges(minilm, method, options, fragment):
+    with pytest.raises(UnrelearnError) as error:
+        unlearn(fresh_model(minilm), method, "circle", overrides=options, progress=False)
+    message = str(error.value)
+    assert fragment in message and "\n" not in message
+
+
+def test_trainer_prints_progress_lines_when_not_on_a_terminal(capsys):
+    net, loss = _problem()
+    Trainer(dict(net.named_parameters()), loss, TrainConfig(steps=20, lr=1e-2), description="toy").run()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines and all("toy" in line for line in lines)
+    assert any("20/20" in line for line in lines)
+    assert len(lines) <= 12
+
+
+def test_resolve_device():
+    from unrelearn.device import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type in ("cpu", "cuda", "mps", "xpu")
+    with pytest.raises(UnrelearnError, match="unknown device"):
+        resolve_device("banana")
+    if not torch.cuda.is_available():
+        with pytest.raises(UnrelearnError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+def test_demo_output_folder_is_ignored_by_git():
+    from pathlib import Path
+
+    ignored = (Path(__file__).parents[1] / ".gitignore").read_text().splitlines()
+    assert "/unrelearn-demo/" in ignored
+
+
+def test_bootstrap_interval_brackets_the_mean_and_is_deterministic():
+    from unrelearn.metrics import bootstrap_interval
+
+    flags = [True] * 30 + [False] * 10
+    lo, hi = bootstrap_interval(flags, seed=0)
+    assert lo < 0.75 < hi and (lo, hi) == bootstrap_interval(flags, seed=0)
+    assert bootstrap_interval([True] * 5) == (1.0, 1.0)
+    assert math.isclose(hi - lo, 0.27, abs_tol=0.06)  # about 2 x 1.96 x sqrt(0.75 x 0.25 / 40)
+
+
+def test_killed_demo_resumes_and_leaves_no_hidden_folder(tmp_path, monkeypatch):
+    import unrelearn.demo as demo
+
+    settings = dict(samples=2, unlearn_steps=2, attack_steps=2, progress=False)
+    straight = demo.run_demo(tmp_path / "straight", **settings)
+
+    original_attack = demo.attack
+
+    def killed_attack(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "attack", killed_attack)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(tmp_path / "resumed", **settings)
+    assert not (tmp_path / "resumed").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    # The re-run resumes: the finished stages (base evaluation, unlearning) are not run again.
+    original_unlearn = demo.unlearn
+    monkeypatch.setattr(demo, "attack", original_attack)
+    monkeypatch.setattr(demo, "unlearn", lambda *a, **k: pytest.fail("the finished unlearning stage ran again"))
+    resumed = demo.run_demo(tmp_path / "resumed", **settings)
+    assert resumed["summary"] == straight["summary"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resumed", "straight"]
+
+    # A partial demo resumes only under its own settings.
+    monkeypatch.setattr(demo, "unlearn", original_unlearn)
+    monkeypatch.setattr(demo, "attack", killed_attack)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(tmp_path / "third", **settings)
+    with pytest.raises(UnrelearnError, match="samples: 2 there, 4 here"):
+        demo.run_demo(tmp_path / "third", **(settings | {"samples": 4}))
