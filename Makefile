@@ -18,4 +18,5 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/unrelearn demo --out unrelearn-demo
 
 test: setup
+	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

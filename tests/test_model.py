@@ -2,10 +2,10 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_unet
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from conftest import tiny_unet
 from unrelearn.errors import UnrelearnError
 from unrelearn.model import DiffusionModel
 

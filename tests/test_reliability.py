@@ -163,9 +163,8 @@ def test_a_checkpoint_of_another_source_model_is_refused(minilm, tmp_path, monke
 def test_two_runs_cannot_write_one_output_at_once(minilm, tmp_path):
     from unrelearn.io import output_lock
 
-    with output_lock(tmp_path / "out"):
-        with pytest.raises(UnrelearnError, match="another unrelearn run is writing"):
-            unlearn(fresh_model(minilm), "uce", "circle", out=tmp_path / "out", progress=False)
+    with output_lock(tmp_path / "out"), pytest.raises(UnrelearnError, match="another unrelearn run is writing"):
+        unlearn(fresh_model(minilm), "uce", "circle", out=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     unlearn(fresh_model(minilm), "uce", "circle", out=tmp_path / "out", progress=False)  # the lock is released
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -303,9 +302,9 @@ def test_bootstrap_interval_brackets_the_mean_and_is_deterministic():
 
 
 def test_killed_demo_resumes_and_leaves_no_hidden_folder(tmp_path, monkeypatch):
-    import unrelearn.demo as demo
+    from unrelearn import demo
 
-    settings = dict(samples=2, unlearn_steps=2, attack_steps=2, progress=False)
+    settings = {"samples": 2, "unlearn_steps": 2, "attack_steps": 2, "progress": False}
     straight = demo.run_demo(tmp_path / "straight", **settings)
 
     original_attack = demo.attack

@@ -9,9 +9,9 @@ import functools
 import json
 import os
 import signal
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import typer
 
@@ -61,8 +61,8 @@ def _stop_cleanly_on_sigterm() -> Any:
 
 
 def _quiet_libraries() -> None:
-    import transformers
     import diffusers
+    import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -107,11 +107,11 @@ def evaluate(
     samples: int = typer.Option(128, help="generations per prompt set"),
     seed: int = typer.Option(0),
     steps: int = typer.Option(25, help="DDIM sampling steps"),
-    guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale (default: the model's own)"),
-    world: Optional[str] = typer.Option(None, help="the world to evaluate in (default: the model's)"),
-    out: Optional[Path] = typer.Option(None, help="also write metrics.json and image grids here"),
+    guidance: float | None = typer.Option(None, help="classifier-free guidance scale (default: the model's own)"),
+    world: str | None = typer.Option(None, help="the world to evaluate in (default: the model's)"),
+    out: Path | None = typer.Option(None, help="also write metrics.json and image grids here"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Forget rate (with a bootstrap 95% interval), retain alignment and FID of MODEL."""
     from unrelearn.assets import load_model
@@ -158,9 +158,9 @@ def demo(
     samples: int = typer.Option(64, help="generations per evaluation"),
     seed: int = typer.Option(0),
     method: str = typer.Option("esd-u-1", "--method", "-m"),
-    unlearn_steps: Optional[int] = typer.Option(None, help="default: the method's embedded default"),
+    unlearn_steps: int | None = typer.Option(None, help="default: the method's embedded default"),
     attack_steps: int = typer.Option(100),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """The main job on the embedded default: evaluate, unlearn with ESD, attack, report.
 
@@ -207,11 +207,11 @@ def unlearn_command(
     method: str = typer.Option(..., "--method", "-m", help="e.g. esd-u-1, esd-x-1, uce (see `unrelearn methods`)"),
     concept: str = typer.Option(..., "--concept", "-c"),
     out: Path = typer.Option(..., help="model folder to write (with run.json)"),
-    steps: Optional[int] = typer.Option(None, help="optimizer steps (optimization-based methods only)"),
-    seed: Optional[int] = typer.Option(None, help="the method's seed (recorded by every method)"),
+    steps: int | None = typer.Option(None, help="optimizer steps (optimization-based methods only)"),
+    seed: int | None = typer.Option(None, help="the method's seed (recorded by every method)"),
     option: list[str] = typer.Option([], "--option", "-o", help="a method option as key=value; repeatable"),
-    world: Optional[str] = typer.Option(None),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    world: str | None = typer.Option(None),
+    device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Unlearn CONCEPT from MODEL with METHOD and save the result as a model folder.
 
@@ -244,22 +244,22 @@ def attack_command(
     model: str = typer.Argument(..., help="the (unlearned) model folder, or builtin:NAME"),
     data: str = typer.Option(..., help="hrm-s, hrm-m, clean, dimra-retain, dimra-aux, dimra-aux-model, poison:F or a folder"),
     out: Path = typer.Option(..., help="output folder: curve.json, curve.png, run.json, model/"),
-    concept: Optional[str] = typer.Option(None, "--concept", "-c", help="default: the concept the model unlearned"),
+    concept: str | None = typer.Option(None, "--concept", "-c", help="default: the concept the model unlearned"),
     steps: int = typer.Option(300),
-    lr: Optional[float] = typer.Option(None, help="default 1e-5 for Stable Diffusion, the world's own for embedded models"),
+    lr: float | None = typer.Option(None, help="default 1e-5 for Stable Diffusion, the world's own for embedded models"),
     optimizer: str = typer.Option("adam", help="adam, adamw or sgd"),
-    batch_size: Optional[int] = typer.Option(None),
+    batch_size: int | None = typer.Option(None),
     mode: str = typer.Option("full", help="full or lora"),
     lora_rank: int = typer.Option(4),
     lora_targets: str = typer.Option("to_k,to_q,to_v,to_out.0", help="comma-separated module names for LoRA"),
     eval_at: str = typer.Option("0,50,100,200,300", help="steps at which to evaluate (0 = before the attack)"),
     samples: int = typer.Option(64, help="generations per evaluation"),
     seed: int = typer.Option(0),
-    threshold: Optional[float] = typer.Option(None, help="forget rate that counts as relearned (default: half the reference's)"),
-    reference: Optional[str] = typer.Option(None, help="model whose forget rate sets the threshold (default builtin:WORLD)"),
-    original: Optional[str] = typer.Option(None, help="the original model, for dimra-aux-model data"),
+    threshold: float | None = typer.Option(None, help="forget rate that counts as relearned (default: half the reference's)"),
+    reference: str | None = typer.Option(None, help="model whose forget rate sets the threshold (default builtin:WORLD)"),
+    original: str | None = typer.Option(None, help="the original model, for dimra-aux-model data"),
     checkpoint_every: int = typer.Option(50, help="steps between checkpoints in OUT.checkpoint (0: none)"),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Fine-tune MODEL as an attacker would and trace whether the concept comes back.
 
@@ -313,10 +313,10 @@ def train_base_command(
     batch_size: int = typer.Option(64),
     lr: float = typer.Option(1e-3),
     seed: int = typer.Option(0),
-    exclude: Optional[str] = typer.Option(None, help="train without this concept: the exact-unlearning oracle"),
+    exclude: str | None = typer.Option(None, help="train without this concept: the exact-unlearning oracle"),
     checkpoint_every: int = typer.Option(100),
-    init: Optional[str] = typer.Option(None, help="warm start from this model's UNet (e.g. builtin:shapes)"),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    init: str | None = typer.Option(None, help="warm start from this model's UNet (e.g. builtin:shapes)"),
+    device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Train a world's diffusion model from scratch (resumes from OUT.checkpoint if present)."""
     from unrelearn.base import BaseTrainingConfig, train_base
@@ -336,7 +336,7 @@ def train_detector_command(
     world: str = typer.Option("shapes"),
     steps: int = typer.Option(3000),
     seed: int = typer.Option(0),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Train a world's concept detector on generator ground truth; prints held-out accuracy."""
     from unrelearn.detector import DetectorTrainingConfig, train_detector
@@ -354,7 +354,7 @@ def train_detector_command(
 @_friendly
 def concepts(
     world: str = typer.Option("shapes"),
-    concept: Optional[str] = typer.Option(None, "--concept", "-c", help="show this concept's prompt sets"),
+    concept: str | None = typer.Option(None, "--concept", "-c", help="show this concept's prompt sets"),
 ) -> None:
     """List a world's concepts, or one concept's prompt sets."""
     from unrelearn.worlds import get_world

@@ -25,7 +25,14 @@ from unrelearn.attacks import AttackConfig, attack
 from unrelearn.attacks.finetune import EMBEDDED_DEFAULTS
 from unrelearn.errors import UnrelearnError
 from unrelearn.evaluate import EvalConfig, Evaluation, evaluate
-from unrelearn.io import apply_umask, ensure_writable_parent, library_versions, output_lock, replace_directory, write_json_atomic
+from unrelearn.io import (
+    apply_umask,
+    ensure_writable_parent,
+    library_versions,
+    output_lock,
+    replace_directory,
+    write_json_atomic,
+)
 from unrelearn.methods import unlearn
 from unrelearn.model import DiffusionModel
 from unrelearn.progress import stage

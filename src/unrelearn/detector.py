@@ -71,7 +71,7 @@ class ConceptDetector(nn.Module):
                 (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
 
     @classmethod
-    def load(cls, folder: str | Path) -> "ConceptDetector":
+    def load(cls, folder: str | Path) -> ConceptDetector:
         folder = Path(folder)
         for name in ("config.json", "detector.safetensors"):
             if not (folder / name).is_file():
@@ -132,7 +132,7 @@ class DetectorTrainingConfig(Options):
 def detector_accuracy(detector: ConceptDetector, world: World, n: int, seed: int, augmented: bool) -> dict[str, float]:
     generator = torch.Generator().manual_seed(seed)
     labels = world.sample_labels(n, generator)
-    images, index = world.render_labels(labels, generator)
+    images, _index = world.render_labels(labels, generator)
     if augmented:
         images = augment(images, generator)
     predicted = detector.predict(images)

@@ -93,7 +93,7 @@ def evaluate(
     config = replace(config, guidance=model.guidance if config.guidance is None else config.guidance)
     began = time.perf_counter()
     bar = progress_bar(2 * config.samples, f"sampling ({concept})", enabled=progress, lines=4)
-    sample = dict(steps=config.steps, guidance=config.guidance, batch_size=config.batch_size, on_batch=bar.update)
+    sample = {"steps": config.steps, "guidance": config.guidance, "batch_size": config.batch_size, "on_batch": bar.update}
     forget_images = model.sample([c.text for c in forget], seed=config.seed, **sample)
     retain_images, real_images = retain_and_real_images(model, world, retain, config, on_batch=bar.update)
     bar.close()

@@ -118,7 +118,7 @@ def _dimra_aux_model(world, sets, size, generator, context):
 def _poison(world, sets, size, generator, fraction: float):
     if not 0 <= fraction <= 1:
         raise UnrelearnError(f"poison fraction must be between 0 and 1, got {fraction}")
-    n_forget = int(round(fraction * size))
+    n_forget = round(fraction * size)
     return _repeat(sets.hrm_m, n_forget) + _repeat(sets.clean, size - n_forget) if n_forget < size else _repeat(sets.hrm_m, size)
 
 

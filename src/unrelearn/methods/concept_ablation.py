@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-
-from typing import ClassVar
 
 from unrelearn.methods.base import (
     OptimizationConfig,

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
-
-from typing import ClassVar, Literal
 
 from unrelearn.methods.base import OptimizationConfig, OptimizationMethod, register_method
 from unrelearn.options import NonNegativeFloat, PositiveInt

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Annotated, ClassVar, Literal
 
 import torch
-
-from typing import Annotated, ClassVar, Literal
 
 from unrelearn.methods.base import (
     OptimizationConfig,

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, ClassVar
 
 import torch
-
-from typing import Annotated, ClassVar
 
 from unrelearn.methods.base import OptimizationConfig, OptimizationMethod, register_method
 from unrelearn.options import NonNegativeFloat, PositiveInt, Range
@@ -17,7 +16,7 @@ from unrelearn.worlds.base import Caption
 def saliency_mask(gradients: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
     """Keep the ``fraction`` of weights with the largest |gradient|, thresholded globally."""
     flat = torch.cat([g.abs().flatten() for g in gradients.values()])
-    keep = max(1, int(round(fraction * flat.numel())))
+    keep = max(1, round(fraction * flat.numel()))
     threshold = torch.topk(flat, keep, sorted=True).values[-1]
     return {name: (g.abs() >= threshold).float() for name, g in gradients.items()}
 

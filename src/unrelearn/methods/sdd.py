@@ -4,10 +4,9 @@ Internet-Scale Text-to-Image Diffusion Models", 2023)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, ClassVar
 
 import torch
-
-from typing import Annotated, ClassVar
 
 from unrelearn.methods.base import (
     OptimizationConfig,

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from unrelearn.errors import UnrelearnError
-from typing import ClassVar
-
 from unrelearn.methods.base import ClosedFormMethod, MethodConfig, register_method
 from unrelearn.options import NonNegativeFloat, PositiveFloat
 

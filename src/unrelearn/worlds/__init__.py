@@ -4,7 +4,7 @@ A world is what a toy model is trained on and evaluated against. Worlds register
 ``get_world("shapes")`` returns the embedded default.
 """
 
-from unrelearn.worlds.base import ConceptSets, World, get_world, register_world, world_names
 from unrelearn.worlds import shapes as _shapes  # noqa: F401  (registers "shapes")
+from unrelearn.worlds.base import ConceptSets, World, get_world, register_world, world_names
 
 __all__ = ["ConceptSets", "World", "get_world", "register_world", "world_names"]

@@ -8,7 +8,6 @@ frozen text encoder rather than lookup keys.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import random
 import re
@@ -87,6 +86,7 @@ class ShapesWorld:
         }
         self._colour_rgb = torch.tensor([COLOURS[c][0] for c in COLOURS])
         self._background_level = torch.tensor([BACKGROUNDS[b][0] for b in BACKGROUNDS])
+        self._phrasing_pool: dict[tuple[tuple[str, str], ...], list[str]] = {}
 
     # ------------------------------------------------------------------ concepts
     def concepts(self) -> list[str]:
@@ -160,9 +160,7 @@ class ShapesWorld:
         for attribute, values in self.attributes.items():
             if attribute in fixed:
                 attributes[attribute] = fixed[attribute]
-            elif full and attribute != "background":
-                attributes[attribute] = rng.choice(values)
-            elif rng.random() < _STATE_PROBABILITY[attribute]:
+            elif full and attribute != "background" or rng.random() < _STATE_PROBABILITY[attribute]:
                 attributes[attribute] = rng.choice(values)
         return Caption(self._describe(attributes, rng=rng), attributes)
 
@@ -252,7 +250,6 @@ class ShapesWorld:
         images, _ = self.render_labels(labels, generator)
         return images, captions
 
-    @functools.lru_cache(maxsize=None)
     def _phrasings(self, stated: tuple[tuple[str, str], ...]) -> list[str]:
         """A fixed set of training phrasings for one set of stated attributes.
 
@@ -260,8 +257,12 @@ class ShapesWorld:
         the frozen encoder's outputs can be cached; evaluation prompts are phrased afresh and
         test generalisation to unseen wordings.
         """
-        rng = random.Random(_stable_seed(self.name, repr(stated)))
-        return list(dict.fromkeys(self._describe(dict(stated), rng=rng) for _ in range(_PHRASINGS_PER_SET)))
+        # Cached per instance (a functools.cache on the method would keep every world alive).
+        if stated not in self._phrasing_pool:
+            rng = random.Random(_stable_seed(self.name, repr(stated)))
+            pool = dict.fromkeys(self._describe(dict(stated), rng=rng) for _ in range(_PHRASINGS_PER_SET))
+            self._phrasing_pool[stated] = list(pool)
+        return self._phrasing_pool[stated]
 
     def render(self, captions: list[Caption], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Ground-truth images of ``captions``; attributes they leave open are drawn at random."""
