@@ -333,3 +333,97 @@ def test_killed_demo_resumes_and_leaves_no_hidden_folder(tmp_path, monkeypatch):
         demo.run_demo(tmp_path / "third", **settings)
     with pytest.raises(UnrelearnError, match="samples: 2 there, 4 here"):
         demo.run_demo(tmp_path / "third", **(settings | {"samples": 4}))
+
+
+def test_a_kill_inside_an_atomic_write_is_recovered_by_the_next_run(tmp_path):
+    from unrelearn.io import output_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights").write_text("finished")
+    # Killed while replacing the checkpoint: the old one moved aside, the new one half-written.
+    (tmp_path / ".out.checkpoint.old-x1" / "out.checkpoint").mkdir(parents=True)
+    (tmp_path / ".out.checkpoint.old-x1" / "out.checkpoint" / "state.json").write_text("{}")
+    (tmp_path / ".out.checkpoint.tmp-x2").mkdir()
+    (tmp_path / ".out.tmp-x3").mkdir()
+    (tmp_path / ".other.tmp-x4").mkdir()  # another output's: not ours to touch
+    with output_lock(out):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-x4", "out", "out.checkpoint"]
+    assert (tmp_path / "out.checkpoint" / "state.json").read_text() == "{}"
+
+
+@pytest.fixture()
+def quiet_evaluate(monkeypatch):
+    from types import SimpleNamespace
+
+    def fake(model, concept, config, world_name=None, detector=None, progress=True):
+        metrics = {"forget_rate": 0.5, "forget_rate_ci": [0.25, 0.75], "retain_alignment": 0.9,
+                   "retain_alignment_ci": [0.8, 1.0], "fid": 1.0}  # fmt: skip
+        return SimpleNamespace(metrics=metrics)
+
+    monkeypatch.setattr("unrelearn.attacks.finetune.evaluate", fake)
+
+
+def test_lora_attacks_with_one_seed_give_one_model_and_resume_exactly(minilm, tmp_path, monkeypatch, quiet_evaluate):
+    from unrelearn.attacks import AttackConfig, attack
+    from unrelearn.evaluate import EvalConfig
+
+    config = AttackConfig(data="hrm-m", steps=4, lr=1e-2, batch_size=2, mode="lora", lora_rank=2, checkpoint_every=2)
+    run = {"eval_at": [0, 4], "eval_config": EvalConfig(samples=2, steps=1), "threshold": 0.5, "progress": False}
+    attack(fresh_model(minilm), "circle", config, tmp_path / "a", **run)
+    attack(fresh_model(minilm), "circle", config, tmp_path / "b", **run)
+    with monkeypatch.context() as patch:
+        _interrupt_after_first_checkpoint(patch)
+        with pytest.raises(KeyboardInterrupt):
+            attack(fresh_model(minilm), "circle", config, tmp_path / "c", **run)
+    attack(fresh_model(minilm), "circle", config, tmp_path / "c", **run)
+    a, b, c = (unet_weights(tmp_path / name / "model") for name in "abc")
+    assert all(torch.equal(a[n], b[n]) for n in a), "same seed, different LoRA attack"
+    assert all(torch.equal(a[n], c[n]) for n in a), "resumed LoRA attack differs"
+
+
+def test_attack_prints_a_line_per_evaluation_point(minilm, tmp_path, capsys, quiet_evaluate):
+    from unrelearn.attacks import AttackConfig, attack
+    from unrelearn.evaluate import EvalConfig
+
+    attack(fresh_model(minilm), "circle", AttackConfig(steps=4, lr=1e-3, batch_size=2), tmp_path / "a", [0, 2, 4],
+           EvalConfig(samples=2, steps=1), threshold=0.5, progress=True)  # fmt: skip
+    err = capsys.readouterr().err
+    for step in (0, 2, 4):
+        assert f"evaluated at step {step}/4: forget rate 0.500 [0.250, 0.750]" in err
+
+
+def test_a_killed_cli_run_resumes_to_the_uninterrupted_weights(minilm, tmp_path):
+    """The issue's scenario, with a real SIGKILL: esd-u-1 killed after a checkpoint, then run again."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = fresh_model(minilm).save(tmp_path / "model")
+    options = ["-o", "steps=120", "-o", "batch_size=1", "-o", "ddim_steps=2", "-o", "lr=0.01", "-o", "checkpoint_every=10"]
+    command = [sys.executable, "-m", "unrelearn.cli", "unlearn", str(folder), "-m", "esd-u-1", "-c", "circle",
+               "--out", str(tmp_path / "killed"), *options]  # fmt: skip
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed.checkpoint"
+    deadline = time.monotonic() + 120
+    while not (checkpoint / "state.json").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert checkpoint.is_dir() and not (tmp_path / "killed").exists()
+
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    assert finished.returncode == 0, finished.stderr
+    assert "resuming at step" in finished.stderr
+    record = json.loads((tmp_path / "killed" / "run.json").read_text())
+    assert record["resumed_from_step"] >= 10
+
+    overrides = {"steps": 120, "batch_size": 1, "ddim_steps": 2, "lr": 0.01}
+    unlearn(DiffusionModel.load(folder), "esd-u-1", "circle", out=tmp_path / "straight", overrides=overrides, progress=False)
+    straight, resumed = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "killed")
+    assert all(torch.equal(straight[n], resumed[n]) for n in straight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed", "model", "straight"]

@@ -79,7 +79,9 @@ def _device(name: str | None) -> Any:
 DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: the GPU when there is one)"
 
 
-def _world_of(model: str, world: str | None) -> tuple[str, dict[str, Any]]:
+def _world_of(
+    model: str, world: str | None, missing: str = "this model names no world; pass --world (for example --world shapes)"
+) -> tuple[str, dict[str, Any]]:
     """The world a model belongs to and its "unrelearn" metadata, read without loading weights."""
     from unrelearn.assets import model_path
     from unrelearn.model import read_model_index
@@ -88,7 +90,7 @@ def _world_of(model: str, world: str | None) -> tuple[str, dict[str, Any]]:
     _, info = read_model_index(model_path(model))
     name = world or info.get("world")
     if name is None:
-        raise UnrelearnError("this model names no world; pass --world (for example --world shapes)")
+        raise UnrelearnError(missing)
     get_world(name)
     return name, info
 
@@ -273,7 +275,7 @@ def attack_command(
     from unrelearn.io import ensure_writable_parent
 
     eval_config = EvalConfig(samples=samples, seed=seed)
-    world_name, info = _world_of(model, None)
+    world_name, info = _world_of(model, None, missing="this model names no world; attacks need a world's prompt sets")
     concept = concept or (info.get("unlearned") or {}).get("concept")
     if concept is None:
         raise UnrelearnError("this model records no unlearned concept; pass --concept")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import os
 import platform
@@ -110,10 +111,27 @@ def output_lock(path: str | Path) -> Iterator[None]:
         handle.truncate(0)
         handle.write(str(os.getpid()))
         handle.flush()
+        recover_interrupted_writes(path)
+        recover_interrupted_writes(path.with_name(f"{path.name}.checkpoint"))
         yield
     finally:
         lock_path.unlink(missing_ok=True)
         handle.close()
+
+
+def recover_interrupted_writes(path: Path) -> None:
+    """Undo what a run killed inside :func:`atomic_directory` left beside ``path``.
+
+    Called with the output lock held, so no other run is writing there: a half-written
+    ``.NAME.tmp-*`` folder is removed, and a ``NAME`` moved aside to ``.NAME.old-*`` just before
+    the kill is put back when no new one took its place.
+    """
+    for old in sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*")):
+        if (old / path.name).exists() and not path.exists():
+            os.replace(old / path.name, path)
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -272,11 +272,11 @@ class Trainer:
         config = self.config
         if self.initial_norm is None:
             self.initial_norm = self._parameter_norm()
+        heading = f"{self.description}: {config.steps} steps" + (f", resuming at step {start}" if resumed_from else "")
+        bar = progress_bar(config.steps, self.description, enabled=self.progress, initial=start, heading=heading)
         if self.on_start is not None:
             self.on_start(start)
         began = time.perf_counter()
-        heading = f"{self.description}: {config.steps} steps" + (f", resuming at step {start}" if resumed_from else "")
-        bar = progress_bar(config.steps, self.description, enabled=self.progress, initial=start, heading=heading)
         last_checkpoint = start if resumed_from is not None else None
         for step in range(start, config.steps):
             out = self.loss_fn(step, step_generator(config.seed, step))
