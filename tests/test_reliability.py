@@ -371,13 +371,19 @@ def test_lora_attacks_with_one_seed_give_one_model_and_resume_exactly(minilm, tm
 
     config = AttackConfig(data="hrm-m", steps=4, lr=1e-2, batch_size=2, mode="lora", lora_rank=2, checkpoint_every=2)
     run = {"eval_at": [0, 4], "eval_config": EvalConfig(samples=2, steps=1), "threshold": 0.5, "progress": False}
-    attack(fresh_model(minilm), "circle", config, tmp_path / "a", **run)
-    attack(fresh_model(minilm), "circle", config, tmp_path / "b", **run)
+
+    def model_in_a_fresh_process(state: int) -> DiffusionModel:
+        model = fresh_model(minilm)
+        torch.manual_seed(state)  # whatever a process's global generator holds after loading
+        return model
+
+    attack(model_in_a_fresh_process(1), "circle", config, tmp_path / "a", **run)
+    attack(model_in_a_fresh_process(2), "circle", config, tmp_path / "b", **run)
     with monkeypatch.context() as patch:
         _interrupt_after_first_checkpoint(patch)
         with pytest.raises(KeyboardInterrupt):
-            attack(fresh_model(minilm), "circle", config, tmp_path / "c", **run)
-    attack(fresh_model(minilm), "circle", config, tmp_path / "c", **run)
+            attack(model_in_a_fresh_process(3), "circle", config, tmp_path / "c", **run)
+    attack(model_in_a_fresh_process(4), "circle", config, tmp_path / "c", **run)
     a, b, c = (unet_weights(tmp_path / name / "model") for name in "abc")
     assert all(torch.equal(a[n], b[n]) for n in a), "same seed, different LoRA attack"
     assert all(torch.equal(a[n], c[n]) for n in a), "resumed LoRA attack differs"
