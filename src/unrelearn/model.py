@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -149,10 +150,23 @@ class DiffusionModel:
 
     # ------------------------------------------------------------------ denoising
     def predict_noise(
-        self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, unet: torch.nn.Module | None = None
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        unet: torch.nn.Module | None = None,
+        params: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``eps_theta(x_t, t, c)``; ``unet`` substitutes another network (a frozen teacher, a copy)."""
-        return (unet or self.unet)(x_t, t, encoder_hidden_states=context).sample
+        """``eps_theta(x_t, t, c)``; ``unet`` substitutes another network (a frozen teacher, a copy).
+
+        ``params`` substitutes some or all of the network's parameters by name
+        (``torch.func.functional_call``): the UNet at a simulated attacker's ``theta_FT``, with the
+        graph back to ``theta`` kept.
+        """
+        network = unet or self.unet
+        if params is None:
+            return network(x_t, t, encoder_hidden_states=context).sample
+        return torch.func.functional_call(network, dict(params), (x_t, t), {"encoder_hidden_states": context}).sample
 
     def diffusion_loss(
         self,
@@ -162,6 +176,7 @@ class DiffusionModel:
         unet: torch.nn.Module | None = None,
         reduction: str = "mean",
         snr_gamma: float | None = None,
+        params: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``L_DM = E ||eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, c)||^2``.
 
@@ -178,7 +193,7 @@ class DiffusionModel:
             target = self.scheduler.get_velocity(x0, noise, t)
         else:
             target = noise
-        prediction = self.predict_noise(x_t, t, context, unet)
+        prediction = self.predict_noise(x_t, t, context, unet, params)
         per_example = ((prediction.float() - target.float()) ** 2).flatten(1).mean(1)
         if snr_gamma is not None:
             snr = compute_snr(self.scheduler, t)
@@ -433,6 +448,16 @@ def _load_component(folder: Path, load: Callable[[], Any]) -> Any:
         raise UnrelearnError(
             f"cannot load {str(folder)!r} ({reason}); the folder is damaged or holds another architecture than its config.json says"
         ) from None
+
+
+@contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """Attention through its math path, which has a double backward (the fused kernels, on CPU and
+    GPU alike, have none): needed to backpropagate through a simulated fine-tuning step."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def copy_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:

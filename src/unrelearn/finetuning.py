@@ -1,0 +1,152 @@
+"""The one fine-tuning step shared by the attack and by the defences' simulated attackers.
+
+An attacker's fine-tuning is described once (:class:`FineTuning`: data, steps, learning rate,
+optimizer, batch, full or LoRA) and carried out by functional optimizer steps on a parameter
+dict, in the style of torch.func's MAML example and torchopt: ``step(params, grads, state)``
+returns new tensors instead of editing parameters in place. Called with gradients that carry a
+graph (``create_graph=True``), the steps are differentiable, so a defence can backpropagate
+through a simulated attack (exact meta-gradients); called without, they are plain updates
+(first-order defences, attacks). Each optimizer equals its ``torch.optim`` counterpart step for
+step (``tests/test_finetuning.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from unrelearn.options import Fraction, NonNegativeFloat, Options, PositiveInt
+
+Params = dict[str, torch.Tensor]
+# sqrt is not differentiable at 0: an entry whose gradient is exactly 0 would turn a
+# backpropagation through Adam into NaN. Its forward change (sqrt(1e-30) = 1e-15 against
+# eps = 1e-8) is below float32 resolution.
+_SQRT_FLOOR = 1e-30
+
+
+@dataclass
+class FineTuning(Options):
+    """How an attacker fine-tunes: the same description for ``unrelearn attack``, Meta-Unlearning's
+    simulated attacker and ResAlign's sampled configurations."""
+
+    data: str = "hrm-m"
+    steps: PositiveInt = 300
+    lr: NonNegativeFloat = 1e-5
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    batch_size: PositiveInt = 8
+    mode: Literal["full", "lora"] = "full"
+    lora_rank: PositiveInt = 4
+    lora_targets: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    weight_decay: NonNegativeFloat = 0.0
+    momentum: Fraction = 0.0
+
+
+@dataclass
+class SGD:
+    """``theta <- theta - lr (g + wd theta)``, with torch.optim.SGD's momentum buffer (dampening 0)."""
+
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def init(self, params: Mapping[str, torch.Tensor]) -> dict[str, Params]:
+        return {"momentum": {}} if self.momentum else {}
+
+    def step(self, params: Params, grads: Params, state: dict[str, Params]) -> tuple[Params, dict[str, Params]]:
+        new_params: Params = {}
+        new_state: dict[str, Params] = {"momentum": {}} if self.momentum else {}
+        for name, p in params.items():
+            g = grads[name]
+            if self.weight_decay:
+                g = g + self.weight_decay * p
+            if self.momentum:
+                previous = state["momentum"].get(name)
+                g = g if previous is None else self.momentum * previous + g
+                new_state["momentum"][name] = g
+            new_params[name] = p - self.lr * g
+        return new_params, new_state
+
+
+@dataclass
+class Adam:
+    """torch.optim.Adam (``decoupled=False``) or AdamW (``decoupled=True``), amsgrad off."""
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decoupled: bool = False
+
+    def init(self, params: Mapping[str, torch.Tensor]) -> dict[str, Params]:
+        return {"step": {}, "exp_avg": {}, "exp_avg_sq": {}}
+
+    def step(self, params: Params, grads: Params, state: dict[str, Params]) -> tuple[Params, dict[str, Params]]:
+        beta1, beta2 = self.betas
+        new_params: Params = {}
+        new_state: dict[str, Params] = {"step": {}, "exp_avg": {}, "exp_avg_sq": {}}
+        for name, p in params.items():
+            g = grads[name]
+            if self.weight_decay and self.decoupled:
+                p = p * (1 - self.lr * self.weight_decay)
+            elif self.weight_decay:
+                g = g + self.weight_decay * p
+            count = int(state["step"].get(name, 0)) + 1
+            m = state["exp_avg"].get(name)
+            v = state["exp_avg_sq"].get(name)
+            m = (1 - beta1) * g if m is None else beta1 * m + (1 - beta1) * g
+            v = (1 - beta2) * g * g if v is None else beta2 * v + (1 - beta2) * g * g
+            denom = v.clamp_min(_SQRT_FLOOR).sqrt() / math.sqrt(1 - beta2**count) + self.eps
+            new_params[name] = p - (self.lr / (1 - beta1**count)) * m / denom
+            new_state["step"][name] = count  # type: ignore[assignment]
+            new_state["exp_avg"][name] = m
+            new_state["exp_avg_sq"][name] = v
+        return new_params, new_state
+
+
+def functional_optimizer(tuning: FineTuning, lr: float | None = None) -> SGD | Adam:
+    lr = tuning.lr if lr is None else lr
+    if tuning.optimizer == "sgd":
+        return SGD(lr, momentum=tuning.momentum, weight_decay=tuning.weight_decay)
+    return Adam(lr, weight_decay=tuning.weight_decay, decoupled=tuning.optimizer == "adamw")
+
+
+@dataclass
+class InnerRun:
+    """The parameters after a simulated fine-tuning and the loss seen at each step."""
+
+    params: Params
+    losses: list[float]
+
+
+def fine_tune(
+    loss_fn: Callable[[Params, int], torch.Tensor],
+    params: Params,
+    optimizer: SGD | Adam,
+    steps: int,
+    create_graph: bool,
+) -> InnerRun:
+    """``steps`` functional optimizer steps on ``loss_fn(params, step)`` from ``params``.
+
+    ``create_graph=True`` keeps the graph of every gradient, so the result is a differentiable
+    function of the starting parameters (exact meta-gradients, second order); ``False`` detaches
+    each update (first-order defences, plain fine-tuning).
+    """
+    state = optimizer.init(params)
+    losses = []
+    current = dict(params)
+    if not create_graph:
+        current = {n: p.detach().requires_grad_(True) for n, p in current.items()}
+    for step in range(steps):
+        loss = loss_fn(current, step)
+        grads = torch.autograd.grad(loss, list(current.values()), create_graph=create_graph, allow_unused=True)
+        grads_by_name = {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(current.items(), grads)}
+        current, state = optimizer.step(current, grads_by_name, state)
+        if not create_graph:
+            current = {n: p.detach().requires_grad_(True) for n, p in current.items()}
+            state = {k: {n: v.detach() if isinstance(v, torch.Tensor) else v for n, v in s.items()} for k, s in state.items()}
+        losses.append(float(loss.detach()))
+    return InnerRun(current, losses)
