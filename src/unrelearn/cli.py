@@ -179,13 +179,19 @@ def demo(
 @app.command()
 @_friendly
 def methods() -> None:
-    """List the unlearning methods with one-line descriptions."""
+    """List the unlearning methods and the defences that wrap them, with their options."""
+    from dataclasses import fields
+
+    from unrelearn.defences.meta import MetaOptions
     from unrelearn.methods import method_names, resolve_method
 
     for name in method_names():
         cls, _ = resolve_method(name)
         kind = "closed-form" if cls.closed_form else "optimization"
         typer.echo(f"{name:8s} {kind:13s} {cls.summary}")
+    typer.echo("")
+    typer.echo("meta:NAME  Meta-Unlearning around any optimization method (e.g. meta:esd-u-1); options:")
+    typer.echo("           " + ", ".join(f"{f.name}={f.default}" for f in fields(MetaOptions)))
 
 
 def _parse_options(pairs: list[str]) -> dict[str, Any]:

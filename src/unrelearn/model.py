@@ -194,7 +194,9 @@ class DiffusionModel:
         else:
             target = noise
         prediction = self.predict_noise(x_t, t, context, unet, params)
-        per_example = ((prediction.float() - target.float()) ** 2).flatten(1).mean(1)
+        # At least float32 (half-precision predictions are averaged in float32); float64 stays float64.
+        dtype = torch.promote_types(prediction.dtype, torch.float32)
+        per_example = ((prediction.to(dtype) - target.to(dtype)) ** 2).flatten(1).mean(1)
         if snr_gamma is not None:
             snr = compute_snr(self.scheduler, t)
             denominator = snr + 1 if self.scheduler.config.prediction_type == "v_prediction" else snr

@@ -32,7 +32,10 @@ from unrelearn.io import atomic_directory
 from unrelearn.options import Fraction, NonNegativeFloat, NonNegativeInt, Options, PositiveFloat
 from unrelearn.progress import progress_bar
 
-LossFn = Callable[[int, torch.Generator], "torch.Tensor | Mapping[str, torch.Tensor]"]
+# A loss, or a dict with "loss" (backpropagated), optional "grads" (name -> gradient added to
+# the parameters' own, for objectives whose gradient is not the gradient of a loss, like a
+# first-order meta-gradient) and any further scalars to log.
+LossFn = Callable[[int, torch.Generator], "torch.Tensor | Mapping[str, Any]"]
 OptimizerName = Literal["adamw", "adam", "sgd"]
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 # Settings that change how a run is carried out but not its result: a checkpoint written under
@@ -281,12 +284,16 @@ class Trainer:
         for step in range(start, config.steps):
             out = self.loss_fn(step, step_generator(config.seed, step))
             terms = dict(out) if isinstance(out, Mapping) else {"loss": out}
+            extra_grads = terms.pop("grads", None) or {}
             loss = terms["loss"]
             if not torch.isfinite(loss):
                 raise self._blow_up(step, f"the loss became {loss.item()}", last_checkpoint)
             self.optimizer.zero_grad(set_to_none=True)
             if loss.requires_grad:
                 loss.backward()
+            for name, grad in extra_grads.items():
+                p = self.params[name]
+                p.grad = grad.detach().clone() if p.grad is None else p.grad + grad.detach()
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(list(self.params.values()), config.grad_clip)
             self.optimizer.step()
@@ -304,7 +311,7 @@ class Trainer:
                 with torch.no_grad():
                     for name, p in self.params.items():
                         self.ema[name].lerp_(p.detach(), 1 - decay)
-            row = {"step": step, **{k: float(v.detach()) for k, v in terms.items()}}
+            row = {"step": step, **{k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in terms.items()}}
             losses.append(row)
             bar.update(1, loss=row["loss"])
             if self.on_step is not None:

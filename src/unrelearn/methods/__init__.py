@@ -19,6 +19,8 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":
         importlib.import_module(f"{__name__}.{_module.name}")
 
+import unrelearn.defences  # noqa: F401  (registers the defence prefixes once the methods exist)
+
 __all__ = [
     "ClosedFormMethod", "Method", "OptimizationConfig", "OptimizationMethod", "method_names",
     "register_method", "resolve_method", "select_parameters", "unlearn",

@@ -9,10 +9,12 @@ methods edit weights directly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import shutil
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -87,6 +89,9 @@ class Method(ABC):
 
     # Whether the method's loss reads the frozen original UNet theta* (ESD's targets).
     uses_teacher: ClassVar[bool] = False
+    # Whether the method masks parameter gradients with hooks (SalUn): such hooks also act on
+    # any other gradient of those parameters, a simulated attacker's included.
+    masks_gradients: ClassVar[bool] = False
 
     def __init__(self, model: DiffusionModel, sets: ConceptSets, config: Any, world: World | None = None) -> None:
         self.model = model
@@ -171,6 +176,8 @@ class ClosedFormMethod(Method):
 
 
 _METHODS: dict[str, type[Method]] = {}
+# Defences that wrap any method, by prefix: "meta" makes "meta:esd-u-1".
+_WRAPPERS: dict[str, Callable[[type[Method]], type[Method]]] = {}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -178,12 +185,31 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def register_wrapper(prefix: str) -> Callable[[Callable[[type[Method]], type[Method]]], Callable[[type[Method]], type[Method]]]:
+    def decorator(wrap: Callable[[type[Method]], type[Method]]) -> Callable[[type[Method]], type[Method]]:
+        _WRAPPERS[prefix] = functools.cache(wrap)
+        return wrap
+
+    return decorator
+
+
+def wrapper_names() -> list[str]:
+    return sorted(_WRAPPERS)
+
+
 def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
 def resolve_method(name: str) -> tuple[type[Method], dict[str, Any]]:
-    """A registered name, or a family name with variant suffix (``esd-u-3``) -> (class, overrides)."""
+    """A registered name, a family name with variant suffix (``esd-u-3``), or either behind a
+    defence's prefix (``meta:esd-u-3``) -> (class, overrides)."""
+    prefix, _, inner = name.partition(":")
+    if inner:
+        if prefix not in _WRAPPERS:
+            raise UnrelearnError(f"unknown defence {prefix!r} in {name!r}; known defences: {', '.join(wrapper_names())}")
+        cls, overrides = resolve_method(inner)
+        return _WRAPPERS[prefix](cls), overrides
     if name in _METHODS:
         return _METHODS[name], {}
     for cls in _METHODS.values():

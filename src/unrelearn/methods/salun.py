@@ -42,6 +42,7 @@ class SalUn(OptimizationMethod):
     name = "salun"
     summary = "SalUn: relabel forget prompts to another concept's images, training only gradient-salient weights"
     Config = SalUnConfig
+    masks_gradients = True
     embedded_defaults: ClassVar[dict] = {"steps": 200, "batch_size": 16, "retain_weight": 1.0, "mask_batches": 4}
 
     def parameters(self) -> dict[str, torch.nn.Parameter]:

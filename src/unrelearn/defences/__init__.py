@@ -1,0 +1,7 @@
+"""Defences: wrappers that make any unlearning method's erasure resist fine-tuning.
+
+A defence registers a prefix (``meta:``) and turns a method class into a defended one without
+touching the method's file; ``resolve_method("meta:esd-u-1")`` finds it.
+"""
+
+from unrelearn.defences import meta as _meta  # noqa: F401  (registers "meta:")
