@@ -12,28 +12,31 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 
 from unrelearn.attacks.data import build_attack_data
 from unrelearn.errors import UnrelearnError
 from unrelearn.evaluate import EvalConfig, evaluate
+from unrelearn.finetuning import FineTuning
 from unrelearn.io import atomic_directory, ensure_writable_parent, library_versions, output_lock
 from unrelearn.model import DiffusionModel
-from unrelearn.options import NonNegativeFloat, NonNegativeInt, Options, PositiveInt
+from unrelearn.options import NonNegativeInt, PositiveInt
 from unrelearn.progress import stage
-from unrelearn.training import OptimizerName, TrainConfig, Trainer, parameter_digest
+from unrelearn.training import TrainConfig, Trainer, parameter_digest
 from unrelearn.worlds import get_world
 
 ADAPTER_NAME = "attack"
 
 
 @dataclass
-class AttackConfig(Options):
-    """An attacker's fine-tuning choices.
+class AttackConfig(FineTuning):
+    """An attacker's fine-tuning: the shared :class:`~unrelearn.finetuning.FineTuning`
+    description (data, steps, lr, optimizer, batch, full or LoRA) plus how this run is carried
+    out (seed, size of the rendered data set, checkpoint interval).
 
     Stable Diffusion defaults follow the Meta-Unlearning paper (Adam, lr 1e-5, up to 300
     steps). ``EMBEDDED_DEFAULTS`` holds the embedded world's own, chosen by measurement.
@@ -41,15 +44,7 @@ class AttackConfig(Options):
 
     option_owner: ClassVar[str] = "attack"
 
-    data: str = "hrm-m"
-    steps: PositiveInt = 300
-    lr: NonNegativeFloat = 1e-5
-    optimizer: OptimizerName = "adam"
-    batch_size: PositiveInt = 8
     seed: int = 0
-    mode: Literal["full", "lora"] = "full"
-    lora_rank: PositiveInt = 4
-    lora_targets: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
     data_size: PositiveInt = 256
     checkpoint_every: NonNegativeInt = 50
 
@@ -161,7 +156,7 @@ def _attack(
     checkpoints = out.with_name(f"{out.name}.checkpoint")
     train_config = TrainConfig(
         steps=config.steps, lr=config.lr, optimizer=config.optimizer, seed=config.seed, grad_clip=None,
-        checkpoint_every=config.checkpoint_every,
+        checkpoint_every=config.checkpoint_every, weight_decay=config.weight_decay, momentum=config.momentum,
     )  # fmt: skip
     description = f"attack {config.data}"
     trainer = Trainer(params, loss_fn, train_config, checkpoints, progress, description=description, settings=settings)
