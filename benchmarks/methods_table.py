@@ -53,8 +53,7 @@ def main() -> None:
         for method in args.methods.split(","):
             model = load_model(args.model)
             options = dict(overrides.get(method, {}))
-            if not resolve_method(method)[0].closed_form:  # closed-form edits take no seed
-                options.setdefault("seed", args.seed)
+            options.setdefault("seed", args.seed)
             record = unlearn(model, method, concept, overrides=options, progress=False)
             metrics = evaluate(model, concept, eval_config, progress=False).metrics
             row = _row(concept, method, metrics, base, record) | protocol

@@ -118,6 +118,9 @@ def test_meta_run_logs_the_self_destruction_signal_and_resumes_exactly(minilm, t
     for key in ("cos_ft_retain", "inner_first", "inner_last", "meta", "unlearn"):
         assert key in record["final_losses"], key
     assert -1 <= record["final_losses"]["cos_ft_retain"] <= 1
+    run = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert [row["step"] for row in run["loss_curve"]] == [0, 1, 2] and "cos_ft_retain" in run["loss_curve"][0]
+    assert (tmp_path / "a" / "training.png").read_bytes().startswith(b"\x89PNG")
     original = Trainer.save_checkpoint
 
     def killed(self, step, losses):

@@ -281,7 +281,8 @@ class DiffusionModel:
     def save(self, folder: str | Path, extra_files: dict[str, Any] | None = None) -> Path:
         """Write a diffusers-style folder atomically (safetensors only).
 
-        ``extra_files`` (name -> JSON value, e.g. ``{"run.json": record}``) are written inside the
+        ``extra_files`` (name -> JSON value, or bytes written as they are: ``{"run.json": record,
+        "training.png": png}``) are written inside the
         same atomic folder, so a model never appears without its record.
         """
         folder = Path(folder)
@@ -312,7 +313,10 @@ class DiffusionModel:
             }
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
             for name, payload in (extra_files or {}).items():
-                (tmp / name).write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+                if isinstance(payload, bytes):
+                    (tmp / name).write_bytes(payload)
+                else:
+                    (tmp / name).write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
         return folder
 
     @classmethod

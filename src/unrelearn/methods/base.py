@@ -290,6 +290,7 @@ def _unlearn(
         model.unet.eval()
         instance.finish()
         record["final_losses"] = result.final_losses()
+        record["loss_curve"] = result.losses[:: max(1, len(result.losses) // 500)]
         record["resumed_from_step"] = result.resumed_from
         record["trained_parameters"] = sum(p.numel() for p in instance.parameters().values())
     record["wall_seconds"] = time.perf_counter() - began
@@ -298,10 +299,40 @@ def _unlearn(
     record["versions"] = library_versions()
     model.info["unlearned"] = {"method": method, "concept": concept}
     if out is not None:
-        model.save(out, extra_files={"run.json": record})
+        extra: dict[str, Any] = {"run.json": record}
+        if record.get("loss_curve"):
+            extra["training.png"] = plot_training_curves(record["loss_curve"], title=f"{method} on {concept!r}")
+        model.save(out, extra_files=extra)
         if checkpoints is not None:
             shutil.rmtree(checkpoints, ignore_errors=True)
     return record
+
+
+def plot_training_curves(rows: list[dict[str, float]], title: str = "") -> bytes:
+    """PNG bytes: one panel per logged term against the step (for meta runs, ``cos_ft_retain`` is
+    the self-destruction signal of the Meta-Unlearning paper's Fig. 6)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in rows[0] if k != "step"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    steps = [row["step"] for row in rows]
+    for ax, key in zip(axes[0], keys):
+        ax.plot(steps, [row.get(key, float("nan")) for row in rows], linewidth=1)
+        ax.set(title=key, xlabel="step")
+        if key.startswith("cos"):
+            ax.axhline(0, color="grey", linewidth=0.8, linestyle="--")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def _peak_memory() -> int:
