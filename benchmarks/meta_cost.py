@@ -9,6 +9,7 @@ same machine in one invocation, so the ratios are side by side.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import statistics
@@ -44,7 +45,7 @@ def one(method: str, options: dict, steps: int, warmup: int) -> dict:
     instance.bind(trainer)
     model.unet.train()
     trainer.run()
-    durations = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
+    durations = [b - a for a, b in itertools.pairwise(stamps)][warmup:]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"method": method, "options": options, "seconds_per_step": statistics.median(durations),
             "seconds_min": min(durations), "seconds_max": max(durations), "steps_timed": len(durations),

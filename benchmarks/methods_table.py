@@ -18,7 +18,7 @@ from pathlib import Path
 from unrelearn.assets import load_model
 from unrelearn.evaluate import EvalConfig, evaluate
 from unrelearn.io import write_json_atomic, write_text_atomic
-from unrelearn.methods import resolve_method, unlearn
+from unrelearn.methods import unlearn
 
 DEFAULT_METHODS = "esd-u-1,esd-u-3,esd-f-3,esd-x-1,sdd,uce,rece,salun,erasediff,ca"
 
