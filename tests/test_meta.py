@@ -144,7 +144,7 @@ def test_meta_run_logs_the_self_destruction_signal_and_resumes_exactly(minilm, t
         ("meta:esd-u-1", {"inner_steps": 0}, "inner_steps"),
         ("meta:esd-u-1", {"retain_set": "skin"}, "retain_set"),
         ("meta:esd-u-1", {"meta_grad": "second"}, "meta_grad"),
-        ("meta:uce", {}, "closed-form"),
+        ("meta:uce", {"steps": 0}, "steps"),
         ("meta:salun", {}, "masks gradients"),
         ("meta:nope", {}, "unknown method 'nope'"),
         ("resalign:esd-u-1", {}, "unknown defence 'resalign'"),
@@ -153,3 +153,18 @@ def test_meta_run_logs_the_self_destruction_signal_and_resumes_exactly(minilm, t
 def test_bad_meta_requests(minilm, method, options, fragment):
     with pytest.raises(UnrelearnError, match=fragment):
         unlearn(fresh_model(minilm), method, "circle", overrides=options, progress=False)
+
+
+@pytest.mark.parametrize("method", ["meta:uce", "meta:rece"])
+def test_closed_form_methods_get_a_meta_second_stage(minilm, method):
+    """gamma2 = 0: the stage leaves the closed-form result as it is; gamma2 > 0 moves only its scope."""
+    closed, staged = fresh_model(minilm), fresh_model(minilm)
+    unlearn(closed, method.split(":")[1], "circle", progress=False)
+    record = unlearn(staged, method, "circle", overrides={"steps": 2, "gamma2": 0.0} | FAST_META, progress=False)
+    assert record["stats"] and "cos_ft_retain" in record["final_losses"]
+    assert all(torch.equal(p, q) for p, q in zip(closed.unet.parameters(), staged.unet.parameters()))
+
+    moved = fresh_model(minilm)
+    unlearn(moved, method, "circle", overrides={"steps": 2, "gamma2": 1.0, "lr": 1e-2} | FAST_META, progress=False)
+    changed = {n for (n, p), q in zip(moved.unet.named_parameters(), closed.unet.parameters()) if not torch.equal(p, q)}
+    assert changed and all(".attn2." in n for n in changed)

@@ -9,7 +9,8 @@ simulated attacker (SGD as in the paper's formula, or Adam as in the official co
 
 ``meta_grad="exact"`` backpropagates through the M inner steps (second order, math attention);
 ``"first-order"`` takes the gradient of the first two terms at ``theta_FT`` and applies it to
-``theta``, as the official code does. ``retain_set`` picks D_retain: the retain prompts, the
+``theta``, as the official code does. After a closed-form method (``meta:uce``, ``meta:rece``)
+the meta objective is optimized alone, as a second stage from the closed-form result. ``retain_set`` picks D_retain: the retain prompts, the
 concept's ``related`` look-alikes (the paper's "skin" for "nudity": the knowledge that should
 self-destruct when the concept is relearned) or both.
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from typing import Any, Literal
 
 import torch
@@ -33,6 +34,7 @@ from unrelearn.finetuning import SGD, Adam, fine_tune
 from unrelearn.methods.base import (
     ClosedFormMethod,
     Method,
+    OptimizationConfig,
     OptimizationMethod,
     ScopeName,
     register_wrapper,
@@ -78,10 +80,7 @@ def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def meta_variant(base: type[Method]) -> type[Method]:
     """``meta:NAME``: ``base`` with the meta objective added to its loss."""
     if issubclass(base, ClosedFormMethod):
-        raise UnrelearnError(
-            f"meta:{base.name}: the second stage after a closed-form method is not implemented yet; "
-            "use meta with an optimization method (esd-*, sdd, erasediff, ca)"
-        )
+        return _second_stage(base)
     if base.masks_gradients:
         raise UnrelearnError(
             f"meta:{base.name}: {base.name} masks gradients with hooks, which would also mask the simulated "
@@ -117,6 +116,64 @@ def meta_variant(base: type[Method]) -> type[Method]:
 
     Meta.__name__ = Meta.__qualname__ = f"Meta{base.__name__}"
     return Meta
+
+
+@dataclass
+class SecondStageOptions:
+    """The meta stage after a closed-form edit (UCE, RECE): Algorithm 1 from theta^UN, without
+    L_unlearn. The paper trains it at lr 1e-5; which parameters it trains is not stated, so the
+    default is the cross-attention the closed-form edit changed."""
+
+    scope: ScopeName = "x"
+
+
+def _second_stage(base: type[ClosedFormMethod]) -> type[Method]:
+    """``meta:uce`` / ``meta:rece``: the closed-form edit, then optimization of ``L_meta`` alone."""
+    hints = typing.get_type_hints(MetaOptions, include_extras=True) | typing.get_type_hints(
+        SecondStageOptions, include_extras=True
+    )
+    own = [*fields(MetaOptions), *fields(SecondStageOptions)]
+    config_class = make_dataclass(
+        f"Meta{base.Config.__name__}",
+        [(f.name, hints[f.name], field(default=f.default)) for f in own],
+        bases=(base.Config, OptimizationConfig),
+    )
+    config_class.__doc__ = f"{base.Config.__name__}, the meta stage's optimizer settings and MetaOptions."
+    base_fields = {f.name for f in fields(base.Config)}
+
+    class MetaSecondStage(OptimizationMethod):
+        name = f"meta:{base.name}"
+        summary = f"Meta-Unlearning second stage after {base.name}: optimize L_meta (Eq. 3) from the closed-form result"
+        Config = config_class
+        embedded_defaults = base.embedded_defaults | EMBEDDED_META_DEFAULTS | {"steps": 100, "lr": 1e-4, "batch_size": 1}
+
+        def __init__(self, model, sets, config, world=None) -> None:
+            super().__init__(model, sets, config, world)
+            base_config = base.Config(**{k: v for k, v in asdict(config).items() if k in base_fields})
+            self.closed_form = base(model, sets, base_config, world)
+            self.closed_form_stats: dict[str, Any] = {}
+
+        def parameters(self) -> dict[str, torch.nn.Parameter]:
+            return select_parameters(self.model.unet, self.config.scope)
+
+        def bind(self, trainer) -> None:
+            # The edit runs before the trainer loads a checkpoint: deterministic, so a resumed
+            # stage starts from the same theta^UN.
+            self.closed_form_stats = self.closed_form.apply()
+
+        def loss(self, step: int, generator: torch.Generator) -> dict[str, Any]:
+            meta = meta_terms(self, generator)
+            result: dict[str, Any] = {"loss": self.config.gamma2 * meta.pop("differentiable")}
+            grads = meta.pop("grads")
+            if grads:
+                result["grads"] = {n: self.config.gamma2 * g for n, g in grads.items()}
+            return result | meta
+
+        def record(self) -> dict[str, Any]:
+            return {"stats": self.closed_form_stats}
+
+    MetaSecondStage.__name__ = MetaSecondStage.__qualname__ = f"Meta{base.__name__}"
+    return MetaSecondStage
 
 
 def _batch(method: OptimizationMethod, pool: list[Caption], size: int, generator: torch.Generator):

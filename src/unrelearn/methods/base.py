@@ -166,6 +166,10 @@ class OptimizationMethod(Method):
     def finish(self) -> None:
         """Called after the last step (SDD saves its EMA teacher here)."""
 
+    def record(self) -> dict[str, Any]:
+        """Entries for run.json beyond the losses (a second stage's closed-form statistics)."""
+        return {}
+
 
 class ClosedFormMethod(Method):
     closed_form = True
@@ -293,6 +297,7 @@ def _unlearn(
         record["loss_curve"] = result.losses[:: max(1, len(result.losses) // 500)]
         record["resumed_from_step"] = result.resumed_from
         record["trained_parameters"] = sum(p.numel() for p in instance.parameters().values())
+        record |= instance.record()
     record["wall_seconds"] = time.perf_counter() - began
     record["peak_memory_bytes"] = _peak_memory()
     record["device"] = str(model.device)
