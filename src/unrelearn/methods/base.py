@@ -69,7 +69,8 @@ class OptimizationConfig(MethodConfig):
     batch_size: PositiveInt = 1
     weight_decay: NonNegativeFloat = 0.0
     grad_clip: PositiveFloat | None = None
-    checkpoint_every: NonNegativeInt = 0
+    # With an output folder, a run is resumable from this many steps back at worst (0: never).
+    checkpoint_every: NonNegativeInt = 200
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
