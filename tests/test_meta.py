@@ -74,7 +74,7 @@ def test_exact_meta_gradient_equals_finite_differences(minilm, monkeypatch, inne
             with torch.no_grad():
                 for n, p in params.items():
                     p.add_(sign * h * direction[n])
-            values.append(float(_meta_loss(method, 3)["differentiable"]))
+            values.append(float(_meta_loss(method, 3)["differentiable"].detach()))
             with torch.no_grad():
                 for n, p in params.items():
                     p.sub_(sign * h * direction[n])
