@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--meta-option", action="append", default=[], help="key=value for every meta run")
+    parser.add_argument("--meta-tag", default="", help="names this meta setting (folders, rows), to compare several")
     parser.add_argument("--work", type=Path, default=Path("runs/meta_table1"))
     parser.add_argument("--out", type=Path, default=Path("docs/defences/meta_table1"))
     args = parser.parse_args()
@@ -62,14 +63,15 @@ def main() -> None:
 
     for concept in args.concepts.split(","):
         for method in args.methods.split(","):
-            for variant in ("unlearn", "meta"):
-                name = method if variant == "unlearn" else f"meta:{method}"
-                options = {"seed": args.seed} | (meta_options if variant == "meta" else {})
-                folder = args.work / concept / name.replace(":", "-")
+            for variant in ("unlearn", "meta" + (f" {args.meta_tag}" if args.meta_tag else "")):
+                meta = variant != "unlearn"
+                name = f"meta:{method}" if meta else method
+                options = {"seed": args.seed} | (meta_options if meta else {})
+                folder = args.work / concept / (name.replace(":", "-") + (f"-{args.meta_tag}" if meta and args.meta_tag else ""))
                 if not (folder / "run.json").is_file():
                     unlearn(load_model(args.model), name, concept, out=folder, overrides=options)
                 record = json.loads((folder / "run.json").read_text())
-                if not any(m["concept"] == concept and m["method"] == name for m in table["models"]):
+                if not any((m["concept"], m["method"], m["variant"]) == (concept, method, variant) for m in table["models"]):
                     before = evaluate(DiffusionModel.load(folder), concept, eval_config, progress=False).metrics
                     table["models"].append({
                         "concept": concept, "method": method, "variant": variant, "config": record["config"],
