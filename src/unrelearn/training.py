@@ -175,7 +175,7 @@ class Trainer:
         self.description = description
         self.on_step = on_step
         self.on_start = on_start
-        self.settings = result_settings({"train": result_settings(asdict(config)), **dict(settings or {})})
+        self.settings = result_settings({"train": asdict(config), **dict(settings or {})})
         # JSON-serialisable state of the run's owner (an attack's curve so far), checkpointed too.
         self.extra_state: dict[str, Any] = {}
         self.optimizer = make_optimizer(list(self.params.values()), config)

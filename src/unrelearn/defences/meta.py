@@ -86,13 +86,7 @@ def meta_variant(base: type[Method]) -> type[Method]:
             f"meta:{base.name}: {base.name} masks gradients with hooks, which would also mask the simulated "
             "attacker's gradients; not supported yet"
         )
-    hints = typing.get_type_hints(MetaOptions, include_extras=True)
-    config_class = make_dataclass(
-        f"Meta{base.Config.__name__}",
-        [(f.name, hints[f.name], field(default=f.default)) for f in fields(MetaOptions)],
-        bases=(base.Config,),
-    )
-    config_class.__doc__ = f"{base.Config.__name__} plus the meta objective's options (MetaOptions)."
+    config_class = _config_class(base, (MetaOptions,), (base.Config,))
 
     class Meta(base):  # type: ignore[misc, valid-type]
         name = f"meta:{base.name}"
@@ -104,15 +98,9 @@ def meta_variant(base: type[Method]) -> type[Method]:
             out = super().loss(step, generator)
             terms = dict(out) if isinstance(out, Mapping) else {"loss": out}
             unlearn_loss = terms.pop("loss")
-            meta = meta_terms(self, generator)
-            config = self.config
-            result = {f"unlearn_{k}": v for k, v in terms.items()}
-            result["unlearn"] = unlearn_loss
-            result["loss"] = config.gamma1 * unlearn_loss + config.gamma2 * meta.pop("differentiable")
-            grads = meta.pop("grads")
-            if grads:
-                result["grads"] = {n: config.gamma2 * g for n, g in grads.items()}
-            return result | meta
+            meta = weighted_meta_terms(self, generator)
+            result = {f"unlearn_{k}": v for k, v in terms.items()} | {"unlearn": unlearn_loss}
+            return result | meta | {"loss": self.config.gamma1 * unlearn_loss + meta["loss"]}
 
     Meta.__name__ = Meta.__qualname__ = f"Meta{base.__name__}"
     return Meta
@@ -129,16 +117,7 @@ class SecondStageOptions:
 
 def _second_stage(base: type[ClosedFormMethod]) -> type[Method]:
     """``meta:uce`` / ``meta:rece``: the closed-form edit, then optimization of ``L_meta`` alone."""
-    hints = typing.get_type_hints(MetaOptions, include_extras=True) | typing.get_type_hints(
-        SecondStageOptions, include_extras=True
-    )
-    own = [*fields(MetaOptions), *fields(SecondStageOptions)]
-    config_class = make_dataclass(
-        f"Meta{base.Config.__name__}",
-        [(f.name, hints[f.name], field(default=f.default)) for f in own],
-        bases=(base.Config, OptimizationConfig),
-    )
-    config_class.__doc__ = f"{base.Config.__name__}, the meta stage's optimizer settings and MetaOptions."
+    config_class = _config_class(base, (MetaOptions, SecondStageOptions), (base.Config, OptimizationConfig))
     base_fields = {f.name for f in fields(base.Config)}
 
     class MetaSecondStage(OptimizationMethod):
@@ -162,18 +141,34 @@ def _second_stage(base: type[ClosedFormMethod]) -> type[Method]:
             self.closed_form_stats = self.closed_form.apply()
 
         def loss(self, step: int, generator: torch.Generator) -> dict[str, Any]:
-            meta = meta_terms(self, generator)
-            result: dict[str, Any] = {"loss": self.config.gamma2 * meta.pop("differentiable")}
-            grads = meta.pop("grads")
-            if grads:
-                result["grads"] = {n: self.config.gamma2 * g for n, g in grads.items()}
-            return result | meta
+            return weighted_meta_terms(self, generator)
 
         def record(self) -> dict[str, Any]:
             return {"stats": self.closed_form_stats}
 
     MetaSecondStage.__name__ = MetaSecondStage.__qualname__ = f"Meta{base.__name__}"
     return MetaSecondStage
+
+
+def _config_class(base: type[Method], option_classes: tuple[type, ...], bases: tuple[type, ...]) -> type:
+    """``base``'s config with the fields of ``option_classes`` added (types and defaults kept)."""
+    own = [(f, typing.get_type_hints(cls, include_extras=True)[f.name]) for cls in option_classes for f in fields(cls)]
+    config_class = make_dataclass(
+        f"Meta{base.Config.__name__}", [(f.name, hint, field(default=f.default)) for f, hint in own], bases=bases
+    )
+    config_class.__doc__ = f"{base.Config.__name__} plus {', '.join(c.__name__ for c in option_classes)}."
+    return config_class
+
+
+def weighted_meta_terms(method: OptimizationMethod, generator: torch.Generator) -> dict[str, Any]:
+    """:func:`meta_terms` as the trainer takes them: ``"loss"`` and ``"grads"`` scaled by gamma2."""
+    meta = meta_terms(method, generator)
+    gamma2 = method.config.gamma2
+    result: dict[str, Any] = {"loss": gamma2 * meta.pop("differentiable")}
+    grads = meta.pop("grads")
+    if grads:
+        result["grads"] = {n: gamma2 * g for n, g in grads.items()}
+    return meta | result
 
 
 def _batch(method: OptimizationMethod, pool: list[Caption], size: int, generator: torch.Generator):
