@@ -7,7 +7,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from unrelearn.errors import UnrelearnError
-from unrelearn.model import DiffusionModel
+from unrelearn.model import DiffusionModel, differentiable_attention
 
 
 def test_prompt_encoding_is_cached_and_padded(tiny_model):
@@ -135,3 +135,13 @@ def test_latent_model_with_vae_and_clip_is_a_stable_diffusion_folder(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     out = pipe("a cat", num_inference_steps=2, height=16, width=16, output_type="pt").images
     assert out.shape == (1, 3, 16, 16)
+
+
+def test_a_prompt_embedding_does_not_depend_on_the_attention_backend_of_its_caller(minilm):
+    """The cache must hold the same bits wherever a prompt is first met (a resumed run meets
+    some of its prompts inside differentiable_attention(), the uninterrupted one outside)."""
+    prompts = ["a red circle on a black background", "a blue square"]
+    outside = DiffusionModel(tiny_unet(), *minilm, DDPMScheduler(), max_length=20).encode_prompts(prompts)
+    with differentiable_attention():
+        inside = DiffusionModel(tiny_unet(), *minilm, DDPMScheduler(), max_length=20).encode_prompts(prompts)
+    assert torch.equal(outside, inside)

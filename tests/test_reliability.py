@@ -27,6 +27,8 @@ FAST = {
     "erasediff": {"steps": 4, "batch_size": 2},
     "uce": {},
     "rece": {"epochs": 2},
+    "resalign": {"steps": 4, "batch_size": 2, "configs_per_step": 2, "ft_steps": [2], "ft_data_size": 8,
+                 "harm_batch_size": 2, "ft_batch_size": 2, "solve_iterations": 2},
 }
 # Learning rates large enough that a resumed run with the wrong teacher, batch or optimizer
 # state ends measurably elsewhere.
@@ -59,7 +61,7 @@ def test_interrupted_then_resumed_run_gives_the_uninterrupted_weights(method, mi
     run it again, and get the uninterrupted model bit for bit."""
     cls, _ = resolve_method(method)
     options = _options(method)
-    unlearn(fresh_model(minilm), method, "circle", out=tmp_path / "straight", overrides=options, progress=False)
+    straight_record = unlearn(fresh_model(minilm), method, "circle", out=tmp_path / "straight", overrides=options, progress=False)
 
     with monkeypatch.context() as patch:
         if cls.closed_form:
@@ -85,6 +87,8 @@ def test_interrupted_then_resumed_run_gives_the_uninterrupted_weights(method, mi
     record = unlearn(fresh_model(minilm), method, "circle", out=tmp_path / "resumed", overrides=options, progress=False)
     if not cls.closed_form:
         assert record["resumed_from_step"] == 2
+    # Counts a method keeps across steps (ResAlign's solves) come back from the checkpoint too.
+    assert record.get("solves") == straight_record.get("solves")
     straight, resumed = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "resumed")
     differing = [name for name in straight if not torch.equal(straight[name], resumed[name])]
     assert differing == [], f"{len(differing)} of {len(straight)} tensors differ"

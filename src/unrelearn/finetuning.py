@@ -147,6 +147,71 @@ def fine_tune(
         current, state = optimizer.step(current, grads_by_name, state)
         if not create_graph:
             current = {n: p.detach().requires_grad_(True) for n, p in current.items()}
-            state = {k: {n: v.detach() if isinstance(v, torch.Tensor) else v for n, v in s.items()} for k, s in state.items()}
+            state = {
+                k: {n: v.detach() if isinstance(v, torch.Tensor) else v for n, v in s.items()} for k, s in state.items()
+            }
         losses.append(float(loss.detach()))
     return InnerRun(current, losses)
+
+
+@dataclass
+class LoRA:
+    """A functional LoRA adapter: ``W + (alpha / rank) B A`` on every 2-D weight whose module name
+    ends with one of ``targets`` (peft's suffix rule), initialized as the attack's peft adapter
+    (``init_lora_weights="gaussian"``: A ~ N(0, 1 / rank^2), B = 0; ``lora_alpha = rank``)."""
+
+    rank: int
+    targets: list[str]
+
+    def applies(self, name: str) -> bool:
+        module = name.removesuffix(".weight")
+        return name.endswith(".weight") and any(module == t or module.endswith(f".{t}") for t in self.targets)
+
+    def init(self, weights: Mapping[str, torch.Tensor], generator: torch.Generator) -> Params:
+        adapter: Params = {}
+        for name, w in weights.items():
+            if self.applies(name) and w.dim() == 2:
+                out_features, in_features = w.shape
+                a = torch.randn(self.rank, in_features, generator=generator, dtype=torch.float64) / self.rank
+                adapter[f"{name}:A"] = a.to(w.device, w.dtype).requires_grad_(True)
+                adapter[f"{name}:B"] = torch.zeros(
+                    out_features, self.rank, device=w.device, dtype=w.dtype, requires_grad=True
+                )
+        if not adapter:
+            raise ValueError(f"no 2-D weight matches the LoRA targets {self.targets}")
+        return adapter
+
+    def merge(self, weights: Mapping[str, torch.Tensor], adapter: Mapping[str, torch.Tensor]) -> Params:
+        merged = dict(weights)
+        for key, a in adapter.items():
+            name, part = key.rsplit(":", 1)
+            if part == "A":
+                merged[name] = weights[name] + adapter[f"{name}:B"] @ a
+        return merged
+
+
+def simulate(
+    loss_fn: Callable[[Params, int], torch.Tensor],
+    params: Mapping[str, torch.Tensor],
+    tuning: FineTuning,
+    generator: torch.Generator,
+    lora_bases: Mapping[str, torch.Tensor] | None = None,
+) -> Params:
+    """The weights after ``tuning`` from ``params``, detached (a first-order simulated attacker).
+
+    Full mode fine-tunes ``params``; LoRA mode fine-tunes a fresh adapter (initialized from
+    ``generator``) on the target weights among ``params`` and ``lora_bases`` (weights the
+    defender does not train but an attacker's adapter still changes) and returns the merged
+    weights of both.
+    """
+    optimizer = functional_optimizer(tuning)
+    if tuning.mode == "full":
+        return fine_tune(loss_fn, dict(params), optimizer, tuning.steps, create_graph=False).params
+    lora = LoRA(tuning.lora_rank, tuning.lora_targets)
+    bases = {n: p.detach() for n, p in {**(lora_bases or {}), **params}.items()}
+    adapter = lora.init({n: w for n, w in bases.items() if lora.applies(n)}, generator)
+    run = fine_tune(
+        lambda a, step: loss_fn(lora.merge(bases, a), step), adapter, optimizer, tuning.steps, create_graph=False
+    )
+    with torch.no_grad():
+        return lora.merge(bases, run.params)

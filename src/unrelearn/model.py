@@ -118,7 +118,12 @@ class DiffusionModel:
             # the conditioning); BERT-style encoders need it.
             if "CLIPText" not in type(self.text_encoder).__name__ and "attention_mask" in tokens:
                 kwargs["attention_mask"] = tokens.attention_mask.to(self.device)
-            hidden = self.text_encoder(**kwargs).last_hidden_state
+            # With every attention backend allowed, whatever the caller restricted: a prompt first
+            # met inside differentiable_attention() would otherwise be cached with the math
+            # kernel's rounding, and results would depend on where a run met it first (a
+            # resumed ResAlign run did).
+            with _default_attention():
+                hidden = self.text_encoder(**kwargs).last_hidden_state
             for prompt, embedding in zip(missing, hidden):
                 self._prompt_cache[prompt] = embedding
         for prompt in prompts:
@@ -463,6 +468,15 @@ def differentiable_attention() -> Iterator[None]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+@contextmanager
+def _default_attention() -> Iterator[None]:
+    """Every scaled-dot-product attention backend enabled, torch's own choice among them."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([b for name, b in SDPBackend.__members__.items() if name != "ERROR"]):
         yield
 
 

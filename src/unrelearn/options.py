@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from typing import Annotated, Any, Literal, Union
 
 from unrelearn.errors import UnrelearnError
@@ -135,5 +135,21 @@ class Options:
 
     def __post_init__(self) -> None:
         owner = getattr(self, "option_owner", type(self).__name__)
-        for name, value in check_options(type(self), {f.name: getattr(self, f.name) for f in fields(self)}, owner).items():
+        for name, value in check_options(
+            type(self), {f.name: getattr(self, f.name) for f in fields(self)}, owner
+        ).items():
             object.__setattr__(self, name, value)
+
+
+def extend_config(prefix: str, owner: Any, option_classes: tuple[type, ...], bases: tuple[type, ...]) -> type:
+    """A config class for a defence around ``owner`` (a method class): ``bases`` plus the fields of
+    ``option_classes`` (types, defaults and default factories kept), named ``PREFIX + owner's``."""
+    own = [(f, typing.get_type_hints(cls, include_extras=True)[f.name]) for cls in option_classes for f in fields(cls)]
+    made = make_dataclass(
+        f"{prefix}{owner.Config.__name__}",
+        [(f.name, hint, field(default=f.default) if f.default_factory is MISSING else field(default_factory=f.default_factory))
+         for f, hint in own],
+        bases=bases,
+    )  # fmt: skip
+    made.__doc__ = f"{owner.Config.__name__} plus {', '.join(c.__name__ for c in option_classes)}."
+    return made

@@ -22,9 +22,8 @@ parameters, and the inner losses.
 from __future__ import annotations
 
 import contextlib
-import typing
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -41,7 +40,7 @@ from unrelearn.methods.base import (
     select_parameters,
 )
 from unrelearn.model import differentiable_attention
-from unrelearn.options import NonNegativeFloat, PositiveInt
+from unrelearn.options import NonNegativeFloat, PositiveInt, extend_config
 from unrelearn.worlds.base import Caption
 
 
@@ -86,7 +85,7 @@ def meta_variant(base: type[Method]) -> type[Method]:
             f"meta:{base.name}: {base.name} masks gradients with hooks, which would also mask the simulated "
             "attacker's gradients; not supported yet"
         )
-    config_class = _config_class(base, (MetaOptions,), (base.Config,))
+    config_class = extend_config("Meta", base, (MetaOptions,), (base.Config,))
 
     class Meta(base):  # type: ignore[misc, valid-type]
         name = f"meta:{base.name}"
@@ -117,14 +116,16 @@ class SecondStageOptions:
 
 def _second_stage(base: type[ClosedFormMethod]) -> type[Method]:
     """``meta:uce`` / ``meta:rece``: the closed-form edit, then optimization of ``L_meta`` alone."""
-    config_class = _config_class(base, (MetaOptions, SecondStageOptions), (base.Config, OptimizationConfig))
+    config_class = extend_config("Meta", base, (MetaOptions, SecondStageOptions), (base.Config, OptimizationConfig))
     base_fields = {f.name for f in fields(base.Config)}
 
     class MetaSecondStage(OptimizationMethod):
         name = f"meta:{base.name}"
         summary = f"Meta-Unlearning second stage after {base.name}: optimize L_meta (Eq. 3) from the closed-form result"
         Config = config_class
-        embedded_defaults = base.embedded_defaults | EMBEDDED_META_DEFAULTS | {"steps": 100, "lr": 1e-4, "batch_size": 1}
+        embedded_defaults = (
+            base.embedded_defaults | EMBEDDED_META_DEFAULTS | {"steps": 100, "lr": 1e-4, "batch_size": 1}
+        )
 
         def __init__(self, model, sets, config, world=None) -> None:
             super().__init__(model, sets, config, world)
@@ -148,16 +149,6 @@ def _second_stage(base: type[ClosedFormMethod]) -> type[Method]:
 
     MetaSecondStage.__name__ = MetaSecondStage.__qualname__ = f"Meta{base.__name__}"
     return MetaSecondStage
-
-
-def _config_class(base: type[Method], option_classes: tuple[type, ...], bases: tuple[type, ...]) -> type:
-    """``base``'s config with the fields of ``option_classes`` added (types and defaults kept)."""
-    own = [(f, typing.get_type_hints(cls, include_extras=True)[f.name]) for cls in option_classes for f in fields(cls)]
-    config_class = make_dataclass(
-        f"Meta{base.Config.__name__}", [(f.name, hint, field(default=f.default)) for f, hint in own], bases=bases
-    )
-    config_class.__doc__ = f"{base.Config.__name__} plus {', '.join(c.__name__ for c in option_classes)}."
-    return config_class
 
 
 def weighted_meta_terms(method: OptimizationMethod, generator: torch.Generator) -> dict[str, Any]:
@@ -184,9 +175,13 @@ def meta_terms(method: OptimizationMethod, generator: torch.Generator) -> dict[s
     gradient taken at theta_FT) and the logged scalars."""
     config, model, sets = method.config, method.model, method.sets
     params = method.parameters()
-    retain_pool = {"retain": sets.retain, "related": sets.related, "both": sets.retain + sets.related}[config.retain_set]
+    retain_pool = {"retain": sets.retain, "related": sets.related, "both": sets.retain + sets.related}[
+        config.retain_set
+    ]
     if not retain_pool:
-        raise UnrelearnError(f"meta: the concept {sets.concept!r} has no {config.retain_set!r} prompts; choose another retain_set")
+        raise UnrelearnError(
+            f"meta: the concept {sets.concept!r} has no {config.retain_set!r} prompts; choose another retain_set"
+        )
     ft_x0, ft_context = _batch(method, sets.hrm_m or sets.forget, config.inner_batch_size, generator)
     retain_x0, retain_context = _batch(method, retain_pool, config.inner_batch_size, generator)
     # Common random numbers: the same noise and timesteps at theta and at theta_FT, so the
@@ -227,4 +222,9 @@ def meta_terms(method: OptimizationMethod, generator: torch.Generator) -> dict[s
         at_ft = -relearned - config.zeta * retain_after
         grads = torch.autograd.grad(at_ft, list(inner.params.values()))
     meta_value = float(at_ft.detach() + config.zeta * at_theta.detach())
-    return {"differentiable": config.zeta * at_theta, "grads": dict(zip(inner.params, grads)), "meta": meta_value, **logged}
+    return {
+        "differentiable": config.zeta * at_theta,
+        "grads": dict(zip(inner.params, grads)),
+        "meta": meta_value,
+        **logged,
+    }
