@@ -1,4 +1,5 @@
-"""The Meta-Unlearning paper's Table 1 on the embedded world: each method plain and meta, then
+"""The Meta-Unlearning paper's Table 1 on the embedded world: each method plain and defended
+(``--defence meta`` or ``resalign``; ``--methods resalign --no-defended`` for ResAlign's own row), then
 malicious (HRM-s, HRM-m) and benign (CLEAN) fine-tuning, forget rate with its 95% interval at
 each evaluated step, retain alignment and FID before fine-tuning.
 
@@ -48,8 +49,11 @@ def main() -> None:
     parser.add_argument("--eval-at", default="0,50,100,200,300")
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--meta-option", action="append", default=[], help="key=value for every meta run")
-    parser.add_argument("--meta-tag", default="", help="names this meta setting (folders, rows), to compare several")
+    parser.add_argument("--defence", default="meta", choices=["meta", "resalign"], help="the defence of the defended rows")
+    parser.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True, help="the undefended rows")
+    parser.add_argument("--defended", action=argparse.BooleanOptionalAction, default=True, help="the defended rows")
+    parser.add_argument("--meta-option", action="append", default=[], help="key=value for every defended run")
+    parser.add_argument("--meta-tag", default="", help="names this defence setting (folders, rows), to compare several")
     parser.add_argument("--work", type=Path, default=Path("runs/meta_table1"))
     parser.add_argument("--out", type=Path, default=Path("docs/defences/meta_table1"))
     args = parser.parse_args()
@@ -63,9 +67,10 @@ def main() -> None:
 
     for concept in args.concepts.split(","):
         for method in args.methods.split(","):
-            for variant in ("unlearn", "meta" + (f" {args.meta_tag}" if args.meta_tag else "")):
+            defended = args.defence + (f" {args.meta_tag}" if args.meta_tag else "")
+            for variant in (["unlearn"] if args.plain else []) + ([defended] if args.defended else []):
                 meta = variant != "unlearn"
-                name = f"meta:{method}" if meta else method
+                name = f"{args.defence}:{method}" if meta else method
                 options = {"seed": args.seed} | (meta_options if meta else {})
                 folder = args.work / concept / (name.replace(":", "-") + (f"-{args.meta_tag}" if meta and args.meta_tag else ""))
                 if not (folder / "run.json").is_file():

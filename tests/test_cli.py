@@ -91,6 +91,9 @@ def test_concepts_lists_prompt_sets():
 def test_methods_are_listed():
     result = invoke("methods")
     assert result.exit_code == 0 and "esd" in result.output and "uce" in result.output
+    # Every registered defence with its own options, from the registry (no hand-kept list).
+    assert "meta:NAME" in result.output and "gamma2=0.1" in result.output
+    assert "resalign:NAME" in result.output and "ft_lrs=[0.0001, 1e-05, 1e-06]" in result.output
 
 
 def test_unlearn_command(model_folder, tmp_path):

@@ -180,18 +180,22 @@ def demo(
 @_friendly
 def methods() -> None:
     """List the unlearning methods and the defences that wrap them, with their options."""
-    from dataclasses import fields
+    from dataclasses import MISSING, fields
 
-    from unrelearn.defences.meta import MetaOptions
     from unrelearn.methods import method_names, resolve_method
+    from unrelearn.methods.base import wrapper_info, wrapper_names
 
     for name in method_names():
         cls, _ = resolve_method(name)
         kind = "closed-form" if cls.closed_form else "optimization"
         typer.echo(f"{name:8s} {kind:13s} {cls.summary}")
-    typer.echo("")
-    typer.echo("meta:NAME  Meta-Unlearning around any optimization method (e.g. meta:esd-u-1); options:")
-    typer.echo("           " + ", ".join(f"{f.name}={f.default}" for f in fields(MetaOptions)))
+    for prefix in wrapper_names():
+        summary, option_classes = wrapper_info(prefix)
+        defaults = [f"{f.name}={f.default if f.default_factory is MISSING else f.default_factory()}"
+                    for cls in option_classes for f in fields(cls)]  # fmt: skip
+        typer.echo("")
+        typer.echo(f"{prefix}:NAME  {summary}; options:")
+        typer.echo("           " + ", ".join(defaults))
 
 
 def _parse_options(pairs: list[str]) -> dict[str, Any]:

@@ -75,7 +75,7 @@ def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float(dot / (norm_a * norm_b).clamp_min(1e-30))
 
 
-@register_wrapper("meta")
+@register_wrapper("meta", "Meta-Unlearning around any method (e.g. meta:esd-u-1, meta:uce)", (MetaOptions,))
 def meta_variant(base: type[Method]) -> type[Method]:
     """``meta:NAME``: ``base`` with the meta objective added to its loss."""
     if issubclass(base, ClosedFormMethod):

@@ -283,7 +283,9 @@ def distillation_loss(method: Method, generator: torch.Generator) -> torch.Tenso
     return torch.nn.functional.mse_loss(model.predict_noise(x_t, t, context), target)
 
 
-@register_wrapper("resalign")
+@register_wrapper(
+    "resalign", "ResAlign's resilience term around any method (e.g. resalign:esd-u-1, resalign:uce)", (ResilienceOptions,)
+)
 def resalign_variant(base: type[Method]) -> type[Method]:
     """``resalign:NAME``: ``base`` plus the resilience term (a second stage after a closed form)."""
     if issubclass(base, ClosedFormMethod):

@@ -183,6 +183,7 @@ class ClosedFormMethod(Method):
 _METHODS: dict[str, type[Method]] = {}
 # Defences that wrap any method, by prefix: "meta" makes "meta:esd-u-1".
 _WRAPPERS: dict[str, Callable[[type[Method]], type[Method]]] = {}
+_WRAPPER_INFO: dict[str, tuple[str, tuple[type, ...]]] = {}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -190,12 +191,22 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def register_wrapper(prefix: str) -> Callable[[Callable[[type[Method]], type[Method]]], Callable[[type[Method]], type[Method]]]:
+def register_wrapper(
+    prefix: str, summary: str = "", options: tuple[type, ...] = ()
+) -> Callable[[Callable[[type[Method]], type[Method]]], Callable[[type[Method]], type[Method]]]:
+    """Register a defence ``PREFIX:NAME``; ``summary`` and the dataclasses of its own ``options``
+    are what `unrelearn methods` lists."""
+
     def decorator(wrap: Callable[[type[Method]], type[Method]]) -> Callable[[type[Method]], type[Method]]:
         _WRAPPERS[prefix] = functools.cache(wrap)
+        _WRAPPER_INFO[prefix] = (summary, options)
         return wrap
 
     return decorator
+
+
+def wrapper_info(prefix: str) -> tuple[str, tuple[type, ...]]:
+    return _WRAPPER_INFO[prefix]
 
 
 def wrapper_names() -> list[str]:
