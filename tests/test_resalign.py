@@ -201,3 +201,40 @@ def test_a_run_whose_solves_mostly_fail_stops_with_a_clear_error(minilm):
 def test_bad_requests_end_with_one_clear_line(minilm, method, options, message):
     with pytest.raises(UnrelearnError, match=message):
         unlearn(fresh_model(minilm), method, "circle", overrides=FAST_RESILIENCE | {"steps": 1} | options, progress=False)
+
+
+def test_lora_parametrization_trains_an_adapter_and_saves_a_plain_merged_unet(minilm, tmp_path):
+    model = fresh_model(minilm)
+    before = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+    options = FAST_RESILIENCE | {"steps": 2, "batch_size": 2, "lr": 1e-2, "parametrization": "lora", "ft_modes": ["full", "lora"]}
+    record = unlearn(model, "resalign", "circle", out=tmp_path / "r", overrides=options, progress=False)
+    assert record["trained_parameters"] < sum(p.numel() for p in before.values()) / 4
+    saved = DiffusionModel.load(tmp_path / "r")
+    names = [n for n, _ in saved.unet.named_parameters()]
+    assert names == list(before) and not any("lora" in n for n in names)
+    after = dict(saved.unet.named_parameters())
+    changed = {n for n in names if not torch.equal(before[n], after[n])}
+    assert changed and all(n.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")) for n in changed)
+
+
+def test_lora_parametrization_resumes_bit_for_bit(minilm, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from unrelearn.training import Trainer
+
+    options = FAST_RESILIENCE | {"steps": 4, "batch_size": 2, "lr": 1e-2, "parametrization": "lora", "checkpoint_every": 2}
+    unlearn(fresh_model(minilm), "resalign", "circle", out=tmp_path / "straight", overrides=options, progress=False)
+    original = Trainer.save_checkpoint
+
+    def killed(self, step, losses):
+        original(self, step, losses)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "save_checkpoint", killed)
+        with pytest.raises(KeyboardInterrupt):
+            unlearn(fresh_model(minilm), "resalign", "circle", out=tmp_path / "resumed", overrides=options, progress=False)
+    record = unlearn(fresh_model(minilm), "resalign", "circle", out=tmp_path / "resumed", overrides=options, progress=False)
+    assert record["resumed_from_step"] == 2
+    weights = [load_file(str(tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors")) for name in ("straight", "resumed")]
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])

@@ -164,7 +164,8 @@ class LoRA:
     targets: list[str]
 
     def applies(self, name: str) -> bool:
-        module = name.removesuffix(".weight")
+        # A layer that already carries a peft adapter keeps its weight in ``.base_layer``.
+        module = name.removesuffix(".weight").removesuffix(".base_layer")
         return name.endswith(".weight") and any(module == t or module.endswith(f".{t}") for t in self.targets)
 
     def init(self, weights: Mapping[str, torch.Tensor], generator: torch.Generator) -> Params:

@@ -70,12 +70,13 @@ def parse_eval_at(text: str | list[int], steps: int) -> list[int]:
     return points
 
 
-def add_lora(unet: torch.nn.Module, config: AttackConfig) -> dict[str, torch.nn.Parameter]:
-    """Stack a fresh peft LoRA adapter on the (unlearned) weights; only it trains."""
+def add_lora(unet: torch.nn.Module, config: Any, adapter_name: str = ADAPTER_NAME) -> dict[str, torch.nn.Parameter]:
+    """Stack a fresh peft LoRA adapter (``config.lora_rank``, ``config.lora_targets``, initialized
+    from ``config.seed``) on the weights; only it trains. Attacks and ResAlign's outer LoRA use it."""
     from peft import LoraConfig
 
-    if ADAPTER_NAME in (getattr(unet, "peft_config", None) or {}):
-        raise UnrelearnError(f"this UNet already carries a LoRA adapter named {ADAPTER_NAME!r}; fuse or remove it first")
+    if adapter_name in (getattr(unet, "peft_config", None) or {}):
+        raise UnrelearnError(f"this UNet already carries a LoRA adapter named {adapter_name!r}; fuse or remove it first")
     unet.requires_grad_(False)
     lora = LoraConfig(
         r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian", target_modules=config.lora_targets
@@ -85,15 +86,15 @@ def add_lora(unet: torch.nn.Module, config: AttackConfig) -> dict[str, torch.nn.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         try:
-            unet.add_adapter(lora, adapter_name=ADAPTER_NAME)
+            unet.add_adapter(lora, adapter_name=adapter_name)
         except ValueError as error:
             raise UnrelearnError(f"cannot add the LoRA adapter: {' '.join(str(error).split())}") from None
     return {name: p for name, p in unet.named_parameters() if "lora_" in name and p.requires_grad}
 
 
-def fuse_lora(unet: torch.nn.Module) -> None:
+def fuse_lora(unet: torch.nn.Module, adapter_name: str = ADAPTER_NAME) -> None:
     """Merge the adapter into the base weights and drop the peft layers (a plain UNet again)."""
-    unet.fuse_lora(adapter_names=[ADAPTER_NAME])
+    unet.fuse_lora(adapter_names=[adapter_name])
     unet.unload_lora()
 
 

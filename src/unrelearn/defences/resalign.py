@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from unrelearn.attacks.data import AttackData, build_attack_data
+from unrelearn.attacks.finetune import add_lora, fuse_lora
 from unrelearn.defences.implicit import HessianOperator, norm, richardson_solve
 from unrelearn.errors import UnrelearnError
 from unrelearn.finetuning import FineTuning, LoRA, Params, simulate
@@ -40,6 +41,7 @@ from unrelearn.methods.base import (
 from unrelearn.model import differentiable_attention
 from unrelearn.options import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, extend_config
 
+OUTER_ADAPTER = "resalign"
 LIST_OPTIONS = ("ft_lrs", "ft_steps", "ft_optimizers", "ft_modes", "ft_data")
 # Solves counted before the failure share can stop a run: one bad step is not "mostly".
 MIN_SOLVES_BEFORE_STOPPING = 10
@@ -229,7 +231,12 @@ class ResAlignConfig(OptimizationConfig, ResilienceOptions):
     batch_size: PositiveInt = 1
     alpha: NonNegativeFloat = 1.6
     alpha_end: NonNegativeFloat = 2.0
+    # What the defender trains: the parameters of ``scope``, or (the official code's) a peft LoRA
+    # of ``lora_rank`` on ``lora_targets`` (attn1 and attn2 q/k/v/out), merged when saved.
+    parametrization: Literal["scope", "lora"] = "scope"
     scope: ScopeName = "f"
+    lora_rank: PositiveInt = 4
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
 
 @register_method
@@ -241,14 +248,23 @@ class ResAlign(OptimizationMethod):
     embedded_defaults: ClassVar[dict] = EMBEDDED_RESILIENCE_DEFAULTS | {"lr": 1e-4, "batch_size": 4}
 
     def __init__(self, model, sets, config, world=None) -> None:
-        super().__init__(model, sets, config, world)
+        super().__init__(model, sets, config, world)  # the teacher is copied before any adapter
         self.resilience = Resilience(self)
+        self.lora: dict[str, torch.nn.Parameter] | None = None
+        if config.parametrization == "lora":
+            # Seeded, and added before a checkpoint loads: a resumed run gets the same adapter.
+            self.lora = add_lora(model.unet, config, adapter_name=OUTER_ADAPTER)
 
     def parameters(self) -> dict[str, torch.nn.Parameter]:
-        return select_parameters(self.model.unet, self.config.scope)
+        return self.lora if self.lora is not None else select_parameters(self.model.unet, self.config.scope)
 
     def bind(self, trainer) -> None:
         self.resilience.trainer = trainer
+
+    def finish(self) -> None:
+        if self.lora is not None:
+            fuse_lora(self.model.unet, adapter_name=OUTER_ADAPTER)
+            self.model.unet.requires_grad_(True)
 
     def loss(self, step: int, generator: torch.Generator) -> dict[str, Any]:
         config = self.config
