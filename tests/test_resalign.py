@@ -3,7 +3,7 @@ point known in closed form), its solves reported and never hidden, and beta = 0 
 
 import pytest
 import torch
-from conftest import tiny_unet
+from conftest import interrupted_after_first_checkpoint, tiny_unet
 from diffusers import DDPMScheduler
 
 from unrelearn.defences.implicit import HessianOperator, richardson_solve
@@ -220,20 +220,10 @@ def test_lora_parametrization_trains_an_adapter_and_saves_a_plain_merged_unet(mi
 def test_lora_parametrization_resumes_bit_for_bit(minilm, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from unrelearn.training import Trainer
-
     options = FAST_RESILIENCE | {"steps": 4, "batch_size": 2, "lr": 1e-2, "parametrization": "lora", "checkpoint_every": 2}
     unlearn(fresh_model(minilm), "resalign", "circle", out=tmp_path / "straight", overrides=options, progress=False)
-    original = Trainer.save_checkpoint
-
-    def killed(self, step, losses):
-        original(self, step, losses)
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "save_checkpoint", killed)
-        with pytest.raises(KeyboardInterrupt):
-            unlearn(fresh_model(minilm), "resalign", "circle", out=tmp_path / "resumed", overrides=options, progress=False)
+    with interrupted_after_first_checkpoint(monkeypatch):
+        unlearn(fresh_model(minilm), "resalign", "circle", out=tmp_path / "resumed", overrides=options, progress=False)
     record = unlearn(fresh_model(minilm), "resalign", "circle", out=tmp_path / "resumed", overrides=options, progress=False)
     assert record["resumed_from_step"] == 2
     weights = [load_file(str(tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors")) for name in ("straight", "resumed")]
