@@ -138,7 +138,7 @@ def test_meta_run_logs_the_self_destruction_signal_and_resumes_exactly(minilm, t
         ("meta:uce", {"steps": 0}, "steps"),
         ("meta:salun", {}, "masks gradients"),
         ("meta:nope", {}, "unknown method 'nope'"),
-        ("resalign:esd-u-1", {}, "unknown defence 'resalign'"),
+        ("antidote:esd-u-1", {}, "unknown defence 'antidote'"),
     ],
 )
 def test_bad_meta_requests(minilm, method, options, fragment):
