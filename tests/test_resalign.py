@@ -165,9 +165,12 @@ def test_closed_form_stage_with_beta_and_alpha_zero_is_the_edit_bit_for_bit(mini
         assert torch.equal(p, q), name
 
 
-@pytest.mark.parametrize("method", ["resalign", "resalign:esd-u-1", "resalign:uce"])
-def test_every_shape_trains_and_reports_its_solves(minilm, method):
-    options = FAST_RESILIENCE | {"ft_modes": ["full", "lora"], "configs_per_step": 3}
+@pytest.mark.parametrize(
+    ("method", "own"),
+    [("resalign", {}), ("resalign", {"parametrization": "scope", "scope": "x"}), ("resalign:esd-u-1", {}), ("resalign:uce", {})],
+)
+def test_every_shape_trains_and_reports_its_solves(minilm, method, own):
+    options = FAST_RESILIENCE | own | {"ft_modes": ["full", "lora"], "configs_per_step": 3}
     options |= {"steps": 2} if method != "resalign:esd-u-1" else FAST_ESD | {"steps": 2}
     model = fresh_model(minilm)
     before = {n: p.detach().clone() for n, p in model.unet.named_parameters()}

@@ -233,7 +233,7 @@ class ResAlignConfig(OptimizationConfig, ResilienceOptions):
     alpha_end: NonNegativeFloat = 2.0
     # What the defender trains: the parameters of ``scope``, or (the official code's) a peft LoRA
     # of ``lora_rank`` on ``lora_targets`` (attn1 and attn2 q/k/v/out), merged when saved.
-    parametrization: Literal["scope", "lora"] = "scope"
+    parametrization: Literal["scope", "lora"] = "lora"
     scope: ScopeName = "f"
     lora_rank: PositiveInt = 4
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
