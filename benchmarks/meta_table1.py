@@ -22,7 +22,7 @@ from unrelearn.assets import load_model
 from unrelearn.attacks import AttackConfig, attack, parse_eval_at
 from unrelearn.attacks.finetune import EMBEDDED_DEFAULTS
 from unrelearn.evaluate import EvalConfig, evaluate
-from unrelearn.io import library_versions, write_json_atomic, write_text_atomic
+from unrelearn.io import library_versions, merge_json_rows, write_text_atomic
 from unrelearn.methods import unlearn
 from unrelearn.model import DiffusionModel
 
@@ -84,7 +84,7 @@ def main() -> None:
                         **{k: before[k] for k in ("forget_rate", "forget_rate_ci", "retain_alignment",
                                                   "retain_alignment_ci", "fid")},
                     })  # fmt: skip
-                    _save(args.out, table, command)
+                    table = _save(args.out, table, command)
                 for data in args.attacks.split(","):
                     for lr in (float(x) for x in args.lrs.split(",")):
                         key = {"concept": concept, "method": method, "variant": variant, "attack": data, "lr": lr}
@@ -97,13 +97,17 @@ def main() -> None:
                         for p in curve["points"]:
                             table["cells"].append(key | {k: p[k] for k in ("step", "forget_rate", "forget_rate_ci",
                                                                              "retain_alignment")})  # fmt: skip
-                        _save(args.out, table, command)
+                        table = _save(args.out, table, command)
 
 
-def _save(out: Path, table: dict, command: str) -> None:
-    table["command"] = command
-    table["versions"] = library_versions()
-    write_json_atomic(out.with_suffix(".json"), table)
+def _save(out: Path, table: dict, command: str) -> dict:
+    """Merge this process's rows into OUT.json (other processes may be filling it too) and
+    rewrite OUT.md from the merged table."""
+    table = merge_json_rows(
+        out.with_suffix(".json"), table,
+        {"models": ("concept", "method", "variant"), "cells": ("concept", "method", "variant", "attack", "lr", "step")},
+        {"command": command, "versions": library_versions()},
+    )  # fmt: skip
     lines = ["| concept | method | variant | before: forget / alignment / FID | attack | lr | forget rate by step |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for m in table["models"]:
@@ -120,6 +124,7 @@ def _save(out: Path, table: dict, command: str) -> None:
                               for c in sorted(cells, key=lambda c: c["step"]))  # fmt: skip
             lines.append(f"| {m['concept']} | {m['method']} | {m['variant']} | {before} | {data} | {lr:g} | {steps} |")
     write_text_atomic(out.with_suffix(".md"), f"`{command}`\n\n" + "\n".join(lines) + "\n")
+    return table
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from unrelearn.assets import load_model
 from unrelearn.attacks import AttackConfig, attack, parse_eval_at
 from unrelearn.attacks.finetune import EMBEDDED_DEFAULTS
 from unrelearn.evaluate import EvalConfig
-from unrelearn.io import library_versions, write_json_atomic, write_text_atomic
+from unrelearn.io import library_versions, merge_json_rows, write_text_atomic
 from unrelearn.methods import unlearn
 
 FIXED = {"ft_lrs": [1e-4], "ft_steps": [10], "ft_optimizers": ["adam"], "ft_modes": ["full"], "ft_data": ["hrm-m"]}
@@ -85,13 +85,14 @@ def main() -> None:
                     curve = attack(load_model(source), concept, config, out, eval_at, eval_config, threshold=0.5)
                     for p in curve["points"]:
                         table["cells"].append(key | {k: p[k] for k in ("step", "forget_rate", "forget_rate_ci", "retain_alignment")})
-                    _save(args.out, table, command)
+                    table = _save(args.out, table, command)
 
 
-def _save(out: Path, table: dict, command: str) -> None:
-    table["command"] = command
-    table["versions"] = library_versions()
-    write_json_atomic(out.with_suffix(".json"), table)
+def _save(out: Path, table: dict, command: str) -> dict:
+    table = merge_json_rows(
+        out.with_suffix(".json"), table, {"cells": ("concept", "model", "attack", "mode", "lr", "step")},
+        {"command": command, "versions": library_versions()},
+    )  # fmt: skip
     groups: dict[tuple, list] = {}
     for c in table["cells"]:
         groups.setdefault((c["concept"], c["model"], c["attack"], c["mode"], c["lr"]), []).append(c)
@@ -103,6 +104,7 @@ def _save(out: Path, table: dict, command: str) -> None:
         alignment = "; ".join(f"{c['step']}: {c['retain_alignment']:.3f}" for c in cells)
         lines.append(f"| {concept} | {model} | {data} | {mode} | {lr:g} | {rates} | {alignment} |")
     write_text_atomic(out.with_suffix(".md"), f"`{command}`\n\n" + "\n".join(lines) + "\n")
+    return table
 
 
 if __name__ == "__main__":

@@ -36,3 +36,18 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
         write_text_atomic(path, None)  # type: ignore[arg-type]
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["table.md"]
+
+
+def test_merged_rows_from_two_stale_writers_are_all_kept(tmp_path):
+    from unrelearn.io import merge_json_rows
+
+    path = tmp_path / "table.json"
+    keys = {"cells": ("model", "step")}
+    first = {"cells": [{"model": "a", "step": 0, "rate": 0.1}]}
+    second = {"cells": [{"model": "b", "step": 0, "rate": 0.2}]}  # never saw the first's rows
+    merge_json_rows(path, first, keys, {"command": "one"})
+    merged = merge_json_rows(path, second, keys, {"command": "two"})
+    assert sorted((c["model"], c["rate"]) for c in merged["cells"]) == [("a", 0.1), ("b", 0.2)]
+    updated = merge_json_rows(path, {"cells": [{"model": "a", "step": 0, "rate": 0.3}]}, keys, {})
+    assert sorted((c["model"], c["rate"]) for c in updated["cells"]) == [("a", 0.3), ("b", 0.2)]
+    assert updated["command"] == "two" and json.loads(path.read_text()) == updated

@@ -153,6 +153,29 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def merge_json_rows(path: str | Path, ours: dict[str, list[dict]], keys: dict[str, tuple[str, ...]], extra: dict) -> dict:
+    """Merge ``ours`` into the JSON file at ``path`` under a blocking lock and return the result.
+
+    For each list name in ``keys``, rows already in the file are kept and ours replace those with
+    the same key fields, so several processes filling one table lose none of each other's rows.
+    ``extra`` entries (command, versions) are overwritten.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = json.loads(path.read_text()) if path.is_file() else {}
+        for name, fields in keys.items():
+            rows = {tuple(row.get(f) for f in fields): row for row in merged.get(name, [])}
+            rows |= {tuple(row.get(f) for f in fields): row for row in ours.get(name, [])}
+            merged[name] = list(rows.values())
+        merged |= extra
+        write_json_atomic(path, merged)
+    return merged
+
+
 def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
