@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--defence", default="meta", choices=["meta", "resalign"], help="the defence of the defended rows")
     parser.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True, help="the undefended rows")
     parser.add_argument("--defended", action=argparse.BooleanOptionalAction, default=True, help="the defended rows")
+    parser.add_argument("--method-option", action="append", default=[], help="key=value for every run, plain or defended")
     parser.add_argument("--meta-option", action="append", default=[], help="key=value for every defended run")
     parser.add_argument("--meta-tag", default="", help="names this defence setting (folders, rows), to compare several")
     parser.add_argument("--work", type=Path, default=Path("runs/meta_table1"))
@@ -71,7 +72,7 @@ def main() -> None:
             for variant in (["unlearn"] if args.plain else []) + ([defended] if args.defended else []):
                 meta = variant != "unlearn"
                 name = f"{args.defence}:{method}" if meta else method
-                options = {"seed": args.seed} | (meta_options if meta else {})
+                options = {"seed": args.seed} | _options(args.method_option) | (meta_options if meta else {})
                 folder = args.work / concept / (name.replace(":", "-") + (f"-{args.meta_tag}" if meta and args.meta_tag else ""))
                 if not (folder / "run.json").is_file():
                     unlearn(load_model(args.model), name, concept, out=folder, overrides=options)
