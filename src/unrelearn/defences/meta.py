@@ -41,7 +41,6 @@ from unrelearn.methods.base import (
 )
 from unrelearn.model import differentiable_attention
 from unrelearn.options import NonNegativeFloat, PositiveInt, extend_config
-from unrelearn.worlds.base import Caption
 
 
 @dataclass
@@ -162,13 +161,6 @@ def weighted_meta_terms(method: OptimizationMethod, generator: torch.Generator) 
     return meta | result
 
 
-def _batch(method: OptimizationMethod, pool: list[Caption], size: int, generator: torch.Generator):
-    picks = torch.randint(len(pool), (size,), generator=generator).tolist()
-    captions = [pool[i] for i in picks]
-    model = method.model
-    return method.images(captions, generator), model.encode_prompts([c.text for c in captions])
-
-
 def meta_terms(method: OptimizationMethod, generator: torch.Generator) -> dict[str, Any]:
     """``L_meta`` for one outer step: ``"differentiable"`` (a loss whose gradient at theta is the
     meta-gradient, or its theta-term in first-order mode), ``"grads"`` (first-order mode: the
@@ -182,8 +174,8 @@ def meta_terms(method: OptimizationMethod, generator: torch.Generator) -> dict[s
         raise UnrelearnError(
             f"meta: the concept {sets.concept!r} has no {config.retain_set!r} prompts; choose another retain_set"
         )
-    ft_x0, ft_context = _batch(method, sets.hrm_m or sets.forget, config.inner_batch_size, generator)
-    retain_x0, retain_context = _batch(method, retain_pool, config.inner_batch_size, generator)
+    ft_x0, ft_context = method.pairs(sets.hrm_m or sets.forget, generator, config.inner_batch_size)
+    retain_x0, retain_context = method.pairs(retain_pool, generator, config.inner_batch_size)
     # Common random numbers: the same noise and timesteps at theta and at theta_FT, so the
     # difference in Eq. 3 measures the fine-tuning, not the draw.
     seed = int(torch.randint(2**62, (1,), generator=generator))

@@ -111,12 +111,6 @@ class Resilience:
         state = self.trainer.extra_state if self.trainer is not None else {}
         return state.setdefault("solves", {"attempted": 0, "failed": 0})
 
-    def _harm_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        method = self.method
-        picks = torch.randint(len(self.harmful), (method.config.harm_batch_size,), generator=generator).tolist()
-        captions = [self.harmful[i] for i in picks]
-        return method.images(captions, generator), method.model.encode_prompts([c.text for c in captions])
-
     def _data_batch(self, data: AttackData, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         images, prompts = data.batch(self.method.config.ft_batch_size, generator)
         model = self.method.model
@@ -128,7 +122,7 @@ class Resilience:
         method, config = self.method, self.method.config
         model = method.model
         params = method.parameters()
-        harm_x0, harm_context = self._harm_batch(generator)
+        harm_x0, harm_context = method.pairs(self.harmful, generator, config.harm_batch_size)
         harm_seed = int(torch.randint(2**62, (1,), generator=generator))
 
         def harm(p: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
@@ -269,16 +263,10 @@ class ResAlign(OptimizationMethod):
     def loss(self, step: int, generator: torch.Generator) -> dict[str, Any]:
         config = self.config
         alpha = config.alpha + (config.alpha_end - config.alpha) * step / max(1, config.steps - 1)
-        harm = -self._forget_loss(generator)
+        harm = -self.model.diffusion_loss(*self.pairs(self.sets.hrm_m or self.sets.forget, generator), generator)
         retain = distillation_loss(self, generator)
         own = {"loss": harm + alpha * retain, "harm_loss": harm, "retain": retain}
         return _with_resilience(self, own, generator)
-
-    def _forget_loss(self, generator: torch.Generator) -> torch.Tensor:
-        captions = self.pick(self.sets.hrm_m or self.sets.forget, generator)
-        return self.model.diffusion_loss(
-            self.images(captions, generator), self.model.encode_prompts([c.text for c in captions]), generator
-        )
 
     def record(self) -> dict[str, Any]:
         return self.resilience.record()
@@ -288,9 +276,7 @@ def distillation_loss(method: Method, generator: torch.Generator) -> torch.Tenso
     """``R``: the squared distance of the noise predictions to the original model's, on noised
     images of retained prompts."""
     model = method.model
-    captions = method.pick(method.sets.retain, generator)
-    x0 = method.images(captions, generator)
-    context = model.encode_prompts([c.text for c in captions])
+    x0, context = method.pairs(method.sets.retain, generator)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     t = torch.randint(0, model.num_train_timesteps, (len(x0),), generator=generator).to(x0.device)
     x_t = model.scheduler.add_noise(x0, noise, t)

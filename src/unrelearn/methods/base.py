@@ -107,17 +107,22 @@ class Method(ABC):
         """ESD-style targets read theta*; without a world, training images are theta*'s samples too."""
         return self.uses_teacher or (self.world is None and not self.closed_form)
 
-    def pick(self, pool: list[Caption], generator: torch.Generator) -> list[Caption]:
-        """A batch of ``config.batch_size`` captions drawn with replacement."""
-        picks = torch.randint(len(pool), (self.config.batch_size,), generator=generator).tolist()
+    def pick(self, pool: list[Caption], generator: torch.Generator, size: int | None = None) -> list[Caption]:
+        """A batch of ``size`` (default ``config.batch_size``) captions drawn with replacement."""
+        size = self.config.batch_size if size is None else size
+        picks = torch.randint(len(pool), (size,), generator=generator).tolist()
         return [pool[i] for i in picks]
+
+    def pairs(
+        self, pool: list[Caption], generator: torch.Generator, size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training images and prompt embeddings of a batch drawn from ``pool`` (see :meth:`pick`)."""
+        captions = self.pick(pool, generator, size)
+        return self.images(captions, generator), self.model.encode_prompts([c.text for c in captions])
 
     def retain_loss(self, generator: torch.Generator) -> torch.Tensor:
         """``L_DM`` on a batch of retain prompts with their images."""
-        captions = self.pick(self.sets.retain, generator)
-        return self.model.diffusion_loss(
-            self.images(captions, generator), self.model.encode_prompts([c.text for c in captions]), generator
-        )
+        return self.model.diffusion_loss(*self.pairs(self.sets.retain, generator), generator)
 
     def sampled_x_t(
         self, prompts: list[str], generator: torch.Generator, unet: torch.nn.Module
