@@ -123,3 +123,33 @@ def test_a_fine_tuning_step_of_the_unet_is_differentiable_with_math_attention(ti
     # functional_call with the unchanged parameters is the module itself
     same = model.predict_noise(x0, torch.tensor([3, 400]), context, params=dict(unet.named_parameters()))
     assert torch.equal(same, model.predict_noise(x0, torch.tensor([3, 400]), context))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_scheduled_fine_tuning_equals_torch_optim_under_diffusers_scheduler(schedule, warmup):
+    """The attacker's learning-rate schedule: the functional run (simulated attackers), the
+    Trainer's factor (attacks) and torch.optim driven by diffusers' own scheduler agree."""
+    from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    from unrelearn.training import TrainConfig
+
+    steps = 8
+    tuning = FineTuning(optimizer="adam", lr=0.02, steps=steps, schedule=schedule, warmup_steps=warmup)
+    net, loss = _problem()
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    optimizer = torch.optim.Adam(net.parameters(), lr=tuning.lr)
+    if schedule == "cosine":
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+    config = TrainConfig(steps=steps, lr=tuning.lr, schedule=schedule, warmup_steps=warmup)
+    for step in range(steps):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(tuning.lr * config.lr_factor(step), rel=1e-12)
+        optimizer.zero_grad()
+        loss(dict(net.named_parameters()), step).backward()
+        optimizer.step()
+        scheduler.step()
+    run = fine_tune(loss, start, functional_optimizer(tuning), steps, create_graph=False, lr_factor=tuning.lr_factor)
+    for name, p in net.named_parameters():
+        assert torch.allclose(run.params[name], p.detach(), rtol=1e-10, atol=1e-12), name

@@ -305,38 +305,32 @@ def test_bootstrap_interval_brackets_the_mean_and_is_deterministic():
     assert math.isclose(hi - lo, 0.27, abs_tol=0.06)  # about 2 x 1.96 x sqrt(0.75 x 0.25 / 40)
 
 
-def test_killed_demo_resumes_and_leaves_no_hidden_folder(tmp_path, monkeypatch):
+def test_demo_runs_its_benchmark_and_report_and_resumes_without_recomputing(tmp_path, monkeypatch):
+    """The demo is the quick preset plus the report: interrupted, it resumes from the store."""
     from unrelearn import demo
+    from unrelearn.bench import run as bench_run
 
-    settings = {"samples": 2, "unlearn_steps": 2, "attack_steps": 2, "progress": False}
-    straight = demo.run_demo(tmp_path / "straight", **settings)
+    preset = demo.demo_preset(samples=4, attack_steps=2, unlearn_steps=2)
+    preset["eval"]["steps"] = 2
+    preset["contenders"] = [c for c in preset["contenders"] if c["label"] != "meta:uce"]
+    original = bench_run._Runner.run
+    calls = []
 
-    original_attack = demo.attack
+    def killed_after_one_cell(self, cell):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(cell.key)
+        original(self, cell)
 
-    def killed_attack(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(demo, "attack", killed_attack)
+    monkeypatch.setattr(bench_run._Runner, "run", killed_after_one_cell)
     with pytest.raises(KeyboardInterrupt):
-        demo.run_demo(tmp_path / "resumed", **settings)
-    assert not (tmp_path / "resumed").exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-
-    # The re-run resumes: the finished stages (base evaluation, unlearning) are not run again.
-    original_unlearn = demo.unlearn
-    monkeypatch.setattr(demo, "attack", original_attack)
-    monkeypatch.setattr(demo, "unlearn", lambda *a, **k: pytest.fail("the finished unlearning stage ran again"))
-    resumed = demo.run_demo(tmp_path / "resumed", **settings)
-    assert resumed["summary"] == straight["summary"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["resumed", "straight"]
-
-    # A partial demo resumes only under its own settings.
-    monkeypatch.setattr(demo, "unlearn", original_unlearn)
-    monkeypatch.setattr(demo, "attack", killed_attack)
-    with pytest.raises(KeyboardInterrupt):
-        demo.run_demo(tmp_path / "third", **settings)
-    with pytest.raises(UnrelearnError, match="samples: 2 there, 4 here"):
-        demo.run_demo(tmp_path / "third", **(settings | {"samples": 4}))
+        demo.run_demo(tmp_path / "demo", preset=preset, progress=False)
+    monkeypatch.setattr(bench_run._Runner, "run", lambda self, cell: (calls.append(cell.key), original(self, cell)))
+    headline = demo.run_demo(tmp_path / "demo", preset=preset, progress=False)
+    assert len(calls) == len(set(calls)) == 3  # esd-u-1, uce, oracle: each cell ran once
+    assert {r["contender"] for r in headline["rows"]} == {"esd-u-1", "uce", "oracle"}
+    assert (tmp_path / "demo" / "report" / "report.html").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
 
 
 def test_a_kill_inside_an_atomic_write_is_recovered_by_the_next_run(tmp_path):

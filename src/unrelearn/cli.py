@@ -155,25 +155,35 @@ def _write_evaluation(out: Path, result: Any) -> None:
 @app.command()
 @_friendly
 def demo(
-    out: Path = typer.Option(Path("unrelearn-demo"), help="report folder"),
+    out: Path = typer.Option(Path("unrelearn-demo"), help="benchmark and report folder"),
     concept: str = typer.Option("circle", "--concept", "-c"),
     samples: int = typer.Option(64, help="generations per evaluation"),
-    seed: int = typer.Option(0),
-    method: str = typer.Option("esd-u-1", "--method", "-m"),
-    unlearn_steps: int | None = typer.Option(None, help="default: the method's embedded default"),
+    seed: int = typer.Option(0, help="the attack's and the evaluation's seed"),
     attack_steps: int = typer.Option(100),
+    unlearn_steps: int | None = typer.Option(None, help="steps of the optimization-based unlearning (default: each method's)"),
     device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
-    """The main job on the embedded default: evaluate, unlearn with ESD, attack, report.
+    """The main job on the embedded default: unlearn, defend, attack, compare with the oracle, report.
 
-    Killed or interrupted, it keeps its finished stages in OUT.partial/ and resumes from them.
+    Runs the `quick` benchmark preset into OUT and writes OUT/report/report.html. Killed or
+    interrupted, the same command resumes without recomputing a finished cell.
     """
+    import shlex
+    import sys
+
     from unrelearn.demo import run_demo
 
-    report = run_demo(out, concept=concept, samples=samples, seed=seed, method=method, unlearn_steps=unlearn_steps,
-                      attack_steps=attack_steps, device=_device(device))  # fmt: skip
-    typer.echo(json.dumps(report["summary"], indent=2))
-    typer.echo(f"report written to {out}/ (report.json, image grids, attack curve)")
+    _check_concept("shapes", concept)
+    headline = run_demo(out, concept=concept, samples=samples, seed=seed, attack_steps=attack_steps,
+                        unlearn_steps=unlearn_steps, device=_device(device),
+                        command=shlex.join(["unrelearn", *sys.argv[1:]]))  # fmt: skip
+    for row in headline["rows"]:
+        (before, _), (after, (lo, hi)) = row["forget_rate_before_attack"], row["forget_rate_after_attack"]
+        relearn = "never" if row["steps_to_relearn"] is None else f"after {row['steps_to_relearn']} steps"
+        name = row["contender"] + (" (oracle)" if row["oracle"] else "")
+        typer.echo(f"{name:18s} forget rate {before:.3f} -> {after:.3f} [{lo:.3f}, {hi:.3f}] under {row['attack']}; "
+                   f"relearned {relearn}")  # fmt: skip
+    typer.echo(f"report: {headline['report']} (Markdown: {headline['markdown']})")
 
 
 @app.command()
@@ -381,6 +391,55 @@ def concepts(
         captions = getattr(sets, name)
         typer.echo(f"{name} ({len(captions)}): " + "; ".join(c.text for c in captions[:6]) + (" ..." if len(captions) > 6 else ""))
     typer.echo(f"related concepts: {', '.join(sets.related_concepts)}; alternative: {sets.alternative}")
+
+
+@app.command()
+@_friendly
+def bench(
+    preset: str = typer.Option("quick", help="a built-in preset (quick, table1, durability, resalign, dimra, adaptive) or a .json file"),
+    out: Path = typer.Option(..., help="benchmark folder: results.sqlite, models, attack curves, grids"),
+    shard: str | None = typer.Option(None, help="i/n: run only the i-th of n disjoint parts (e.g. $SLURM_ARRAY_TASK_ID/8)"),
+    oracle: list[str] = typer.Option([], help="CONCEPT=MODEL: the exact-unlearning oracle of a concept; repeatable"),
+    keep_models: bool = typer.Option(False, help="keep every attacked model (large) instead of only its image grid"),
+    list_cells: bool = typer.Option(False, "--list", help="print the preset's cells and whether each is finished, run nothing"),
+    device: str | None = typer.Option(None, help=DEVICE_HELP),
+) -> None:
+    """Run a grid of unlearning methods and defences against attacks into OUT (resumable, shardable).
+
+    Finished cells are never recomputed; run the same command again to resume, or the same
+    command with --shard i/n in n processes (a job array) to split the work.
+    """
+    import shlex
+    import sys
+
+    from unrelearn.bench.run import describe, list_bench, run_bench
+
+    oracles = {}
+    for pair in oracle:
+        concept, sep, model = pair.partition("=")
+        if not sep or not concept or not model:
+            raise UnrelearnError(f"--oracle must be CONCEPT=MODEL (for example circle=runs/oracle-circle), got {pair!r}")
+        oracles[concept] = model
+    if list_cells:
+        for line in list_bench(preset, out, oracles):
+            typer.echo(line)
+        return
+    command = shlex.join(["unrelearn", *sys.argv[1:]])
+    summary = run_bench(preset, out, shard, oracles, device=_device(device), keep_models=keep_models, command=command)
+    typer.echo(describe(summary))
+
+
+@app.command()
+@_friendly
+def report(
+    folder: Path = typer.Argument(..., help="a benchmark folder written by `unrelearn bench`"),
+    out: Path | None = typer.Option(None, help="where to write report.md, report.html and figures (default: FOLDER/report)"),
+) -> None:
+    """Tables, durability curves, worst cases and image grids of a benchmark, as Markdown and one HTML page."""
+    from unrelearn.bench.report import write_report
+
+    written = write_report(folder, out)
+    typer.echo(f"report written: {written['html']} and {written['markdown']}")
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ step (``tests/test_finetuning.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from unrelearn.options import Fraction, NonNegativeFloat, Options, PositiveInt
+from unrelearn.options import Fraction, NonNegativeFloat, NonNegativeInt, Options, PositiveInt
 
 Params = dict[str, torch.Tensor]
 # sqrt is not differentiable at 0: an entry whose gradient is exactly 0 would turn a
@@ -43,6 +44,24 @@ class FineTuning(Options):
     lora_targets: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
     weight_decay: NonNegativeFloat = 0.0
     momentum: Fraction = 0.0
+    # As diffusers' get_constant_schedule_with_warmup / get_cosine_schedule_with_warmup: linear
+    # from 0 over ``warmup_steps``, then constant or half a cosine down to 0 at ``steps``.
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: NonNegativeInt = 0
+
+    def lr_factor(self, step: int) -> float:
+        return schedule_factor(self.schedule, self.warmup_steps, self.steps, step)
+
+
+def schedule_factor(schedule: str, warmup_steps: int, steps: int, step: int) -> float:
+    """The multiple of the learning rate at ``step`` (0-based), as diffusers'
+    ``get_constant_schedule_with_warmup`` / ``get_cosine_schedule_with_warmup`` compute it."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 @dataclass
@@ -128,6 +147,7 @@ def fine_tune(
     optimizer: SGD | Adam,
     steps: int,
     create_graph: bool,
+    lr_factor: Callable[[int], float] | None = None,
 ) -> InnerRun:
     """``steps`` functional optimizer steps on ``loss_fn(params, step)`` from ``params``.
 
@@ -144,7 +164,8 @@ def fine_tune(
         loss = loss_fn(current, step)
         grads = torch.autograd.grad(loss, list(current.values()), create_graph=create_graph, allow_unused=True)
         grads_by_name = {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(current.items(), grads)}
-        current, state = optimizer.step(current, grads_by_name, state)
+        stepper = optimizer if lr_factor is None else dataclasses.replace(optimizer, lr=optimizer.lr * lr_factor(step))
+        current, state = stepper.step(current, grads_by_name, state)
         if not create_graph:
             current = {n: p.detach().requires_grad_(True) for n, p in current.items()}
             state = {
@@ -207,12 +228,13 @@ def simulate(
     """
     optimizer = functional_optimizer(tuning)
     if tuning.mode == "full":
-        return fine_tune(loss_fn, dict(params), optimizer, tuning.steps, create_graph=False).params
+        return fine_tune(loss_fn, dict(params), optimizer, tuning.steps, create_graph=False, lr_factor=tuning.lr_factor).params
     lora = LoRA(tuning.lora_rank, tuning.lora_targets)
     bases = {n: p.detach() for n, p in {**(lora_bases or {}), **params}.items()}
     adapter = lora.init({n: w for n, w in bases.items() if lora.applies(n)}, generator)
     run = fine_tune(
-        lambda a, step: loss_fn(lora.merge(bases, a), step), adapter, optimizer, tuning.steps, create_graph=False
+        lambda a, step: loss_fn(lora.merge(bases, a), step), adapter, optimizer, tuning.steps, create_graph=False,
+        lr_factor=tuning.lr_factor,
     )
     with torch.no_grad():
         return lora.merge(bases, run.params)

@@ -77,13 +77,18 @@ def replace_directory(source: Path, target: Path) -> None:
         os.replace(source, target)
 
 
+class OutputBusy(UnrelearnError):
+    """Another process holds the output lock."""
+
+
 @contextmanager
-def output_lock(path: str | Path) -> Iterator[None]:
+def output_lock(path: str | Path, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on writing ``path`` (and its checkpoints) for the duration of a run.
 
-    A second run into the same output fails at once instead of interleaving checkpoints with the
-    first. The lock is an flock on a hidden sibling file, so the system drops it when a run is
-    killed; the file is removed when the run ends.
+    A second run into the same output fails at once (:class:`OutputBusy`) instead of
+    interleaving checkpoints with the first, or with ``wait`` waits for the first to finish. The
+    lock is an flock on a hidden sibling file, so the system drops it when a run is killed; the
+    file is removed when the run ends.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,12 +96,12 @@ def output_lock(path: str | Path) -> Iterator[None]:
     while True:
         handle = open(lock_path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             owner = handle.read().strip() or "unknown"
             handle.close()
-            raise UnrelearnError(
+            raise OutputBusy(
                 f"another unrelearn run is writing {str(path)!r} (pid {owner}); wait for it to finish or choose another output"
             ) from None
         # A run that just finished may have removed the file we locked; lock the file that is there now.

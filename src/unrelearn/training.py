@@ -64,9 +64,17 @@ class TrainConfig(Options):
     # The blow-up guard: the trained parameters' norm may not exceed this multiple of its value
     # at the start of the run.
     max_norm_growth: PositiveFloat = 100.0
+    # "warmup-then-drop": base training's linear warm-up from lr / warmup_steps, then the optional
+    # drop. "constant" and "cosine": an attacker's schedules as diffusers computes them
+    # (finetuning.schedule_factor, warm-up from 0).
+    schedule: Literal["warmup-then-drop", "constant", "cosine"] = "warmup-then-drop"
 
     def lr_factor(self, step: int) -> float:
-        """The multiple of ``lr`` used at ``step`` (linear warm-up, then the optional drop)."""
+        """The multiple of ``lr`` used at ``step``."""
+        if self.schedule != "warmup-then-drop":
+            from unrelearn.finetuning import schedule_factor
+
+            return schedule_factor(self.schedule, self.warmup_steps, self.steps, step)
         factor = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         if self.lr_drop_step is not None and step >= self.lr_drop_step:
             factor *= self.lr_drop_factor

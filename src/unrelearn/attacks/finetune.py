@@ -158,6 +158,7 @@ def _attack(
     train_config = TrainConfig(
         steps=config.steps, lr=config.lr, optimizer=config.optimizer, seed=config.seed, grad_clip=None,
         checkpoint_every=config.checkpoint_every, weight_decay=config.weight_decay, momentum=config.momentum,
+        schedule=config.schedule, warmup_steps=config.warmup_steps,
     )  # fmt: skip
     description = f"attack {config.data}"
     trainer = Trainer(params, loss_fn, train_config, checkpoints, progress, description=description, settings=settings)

@@ -1,0 +1,359 @@
+"""``unrelearn report DIR``: a benchmark's results as Markdown and one self-contained HTML page.
+
+Both are rendered from one list of blocks (headings, paragraphs, tables, figures) read from the
+results store alone, so the report can be redrawn at any time, also while shards still run. The
+HTML page embeds every image as a data URI: it can be mailed or attached as one file.
+
+What it shows, per concept:
+- the worst case over all attack settings for every contender, beside the exact-unlearning
+  oracle's (a defence that holds at one setting and breaks at another is not durable);
+- each contender before any attack (forget rate, retain alignment, FID);
+- per attack setting, the papers' Table 1 shape: forget rate by attack step, steps-to-relearn,
+  area under the curve, and the curves with their 95% bands;
+- image grids before unlearning, before the attack and after each attack, tiles framed red
+  where the detector sees the concept; the training curves of defended runs (for meta runs the
+  gradient angle of the Meta-Unlearning paper's Fig. 6);
+- the environment and the wall time of every cell.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import shutil
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unrelearn.bench.grid import digest
+from unrelearn.bench.store import CellResult, ResultStore
+from unrelearn.errors import UnrelearnError
+from unrelearn.io import write_text_atomic
+
+
+@dataclass
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass
+class Paragraph:
+    text: str
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Figure:
+    path: Path
+    caption: str
+
+
+@dataclass
+class Figures:
+    """Images side by side."""
+
+    items: list[Figure] = field(default_factory=list)
+
+
+Block = Heading | Paragraph | Table | Figure | Figures
+
+
+def _rate(value: float, interval: list[float] | tuple[float, float] | None = None) -> str:
+    return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval is not None else "")
+
+
+def _steps(value: int | None) -> str:
+    return "never" if value is None else str(value)
+
+
+@dataclass
+class Setting:
+    """One attack setting of one contender: its seeds' cells."""
+
+    contender: str
+    attack: str
+    cells: list[CellResult]
+
+    @property
+    def oracle(self) -> bool:
+        return bool(self.cells[0].spec.get("oracle"))
+
+    def points(self) -> list[dict[str, Any]]:
+        """The curve, averaged over seeds. With one seed the intervals are the bootstrap's; with
+        several, the range of the seeds' rates (the spread an attacker can pick from)."""
+        if len(self.cells) == 1:
+            return self.cells[0].points
+        by_step: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for cell in self.cells:
+            for point in cell.points:
+                by_step[point["step"]].append(point)
+        return [
+            {
+                "step": step,
+                "forget_rate": statistics.fmean(p["forget_rate"] for p in points),
+                "forget_rate_ci": [min(p["forget_rate"] for p in points), max(p["forget_rate"] for p in points)],
+                "retain_alignment": statistics.fmean(p["retain_alignment"] for p in points),
+                "retain_alignment_ci": [min(p["retain_alignment"] for p in points), max(p["retain_alignment"] for p in points)],
+                "fid": statistics.fmean(p["fid"] for p in points),
+            }
+            for step, points in sorted(by_step.items())
+        ]
+
+    def worst_cell(self) -> CellResult:
+        return max(self.cells, key=lambda c: c.summary["max_forget_rate"])
+
+
+def _settings(cells: list[CellResult]) -> dict[str, dict[str, list[Setting]]]:
+    """concept -> attack label -> one Setting per contender."""
+    grouped: dict[tuple[str, str, str], list[CellResult]] = defaultdict(list)
+    for cell in cells:
+        grouped[(cell.concept, cell.attack, cell.contender)].append(cell)
+    out: dict[str, dict[str, list[Setting]]] = defaultdict(lambda: defaultdict(list))
+    for (concept, attack, contender), group in grouped.items():
+        out[concept][attack].append(Setting(contender, attack, sorted(group, key=lambda c: c.seed)))
+    return out
+
+
+def _ranking(preset: dict[str, Any]):
+    """Contenders in the order the preset lists them, the oracle (the bar) last."""
+    order = [c.get("label") or c.get("method") or c.get("model") for c in preset.get("contenders", [])] + ["oracle"]
+    return lambda label: (order.index(label) if label in order else len(order), label)
+
+
+def build_blocks(store: ResultStore, figures: Path) -> list[Block]:
+    """One section per preset run into the store, drawn from the cells that preset lists now (a
+    preset rerun with other settings shows its new cells; the old ones stay in the store, reused
+    if those settings return)."""
+    from unrelearn.attacks import plot_curves
+
+    cells = {c.key: c for c in store.cells()}
+    presets = [(name, entry) for name, entry in store.meta_items("preset:") if any(k in cells for k in entry["cells"])]
+    if not presets:
+        raise UnrelearnError(f"{str(store.path)!r} holds no finished cell yet; run `unrelearn bench` first")
+    blocks: list[Block] = [Heading("unrelearn benchmark report", 1), Paragraph(
+        "Forget rate: share of generations from prompts naming the concept in which the world's detector sees it, "
+        "with its 95% bootstrap interval; a contender is relearned when the rate reaches half the original model's "
+        "(the threshold). Worst case: the highest forget rate over every attack setting and evaluated step. "
+        "The exact-unlearning oracle, a model trained without the concept, is the bar for forgotten."
+    )]  # fmt: skip
+    models = {m["key"]: m for m in store.models()}
+    for name, entry in presets:
+        mine = [cells[k] for k in entry["cells"] if k in cells]
+        command = entry.get("command") or f"unrelearn bench --preset {name} --out DIR"
+        blocks.append(Heading(f"Preset `{name}`", 2))
+        blocks.append(Paragraph(f"{entry['preset'].get('description', '')} {len(mine)} of {len(entry['cells'])} cells "
+                                f"finished. Made by `{command}`, drawn by `unrelearn report DIR`."))  # fmt: skip
+        for concept, by_attack in sorted(_settings(mine).items()):
+            blocks += _concept_blocks(store, concept, by_attack, models, figures, plot_curves, _ranking(entry["preset"]))
+    blocks += _environment_blocks(store, list(cells.values()))
+    return blocks
+
+
+def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curves, rank) -> list[Block]:
+    blocks: list[Block] = [Heading(f"Concept `{concept}`", 3)]
+    every = [s for settings in by_attack.values() for s in settings]
+    threshold = every[0].cells[0].summary["threshold"]
+    reference = every[0].cells[0].summary["reference_forget_rate"]
+    blocks.append(Paragraph(f"Original model's forget rate {reference:.3f}; relearned at {threshold:.3f}."))
+
+    # Worst case over attack settings.
+    worst_by_contender: dict[str, list[Setting]] = defaultdict(list)
+    for setting in every:
+        worst_by_contender[setting.contender].append(setting)
+    rows = []
+    oracle_worst = None
+    for contender, settings in sorted(worst_by_contender.items(), key=lambda kv: rank(kv[0])):
+        cell = max((s.worst_cell() for s in settings), key=lambda c: c.summary["max_forget_rate"])
+        relearned = [c.summary["steps_to_relearn"] for s in settings for c in s.cells if c.summary["steps_to_relearn"] is not None]
+        held = sum(c.summary["steps_to_relearn"] is None for s in settings for c in s.cells)
+        total = sum(len(s.cells) for s in settings)
+        if settings[0].oracle:
+            oracle_worst = cell.summary["max_forget_rate"]
+        rows.append([
+            contender,
+            _rate(cell.summary["max_forget_rate"], cell.summary["max_forget_rate_ci"]),
+            f"{cell.attack}, seed {cell.seed}, step {cell.summary['max_at_step']}",
+            f"{held}/{total}",
+            _steps(min(relearned) if relearned else None),
+        ])  # fmt: skip
+    blocks.append(Heading("Worst case over attack settings", 4))
+    blocks.append(Table(["contender", "worst forget rate [95% CI]", "reached under", "settings held", "fastest relearn (steps)"], rows))
+    if oracle_worst is not None:
+        blocks.append(Paragraph(f"The oracle's worst case, {oracle_worst:.3f}, is the level a truly forgotten concept reaches."))
+
+    # Before any attack.
+    rows = []
+    for contender, settings in sorted(worst_by_contender.items(), key=lambda kv: rank(kv[0])):
+        start = next((p for p in settings[0].cells[0].points if p["step"] == 0), None)
+        if start is not None:
+            rows.append([contender, _rate(start["forget_rate"], start["forget_rate_ci"]),
+                         _rate(start["retain_alignment"], start["retain_alignment_ci"]), f"{start['fid']:.1f}"])  # fmt: skip
+    blocks.append(Heading("Before the attack", 4))
+    blocks.append(Table(["contender", "forget rate [95% CI]", "retain alignment [95% CI]", "FID"], rows))
+    grids = [Figure(p, f"{concept}: original model") for p in sorted((store.path.parent / "grids").glob("reference-*.png"))
+             if _reference_concept(store, p) == concept]  # fmt: skip
+    for key, model in sorted(models.items(), key=lambda kv: rank(kv[1]["contender"])):
+        if model["concept"] == concept:
+            grid = store.path.parent / "grids" / f"model-{key}.png"
+            if grid.is_file():
+                grids.append(Figure(grid, f"{model['contender']} before the attack"))
+    if grids:
+        blocks.append(Figures(grids))
+    trainings = [Figure(Path(m["path"]) / "training.png", f"{m['contender']}: training curves")
+                 for m in models.values() if m["concept"] == concept and (Path(m["path"]) / "training.png").is_file()
+                 and ":" in (m["spec"].get("method") or "")]  # fmt: skip
+    if trainings:
+        blocks.append(Paragraph("Training curves of the defended runs (for meta runs, `cos_ft_retain` is the gradient "
+                                "angle between relearning and the retained knowledge, the paper's Fig. 6)."))  # fmt: skip
+        blocks.append(Figures(trainings))
+
+    # One section per attack setting.
+    for attack, settings in sorted(by_attack.items()):
+        settings = sorted(settings, key=lambda s: rank(s.contender))
+        blocks.append(Heading(f"Attack: {attack}", 4))
+        seeds = sorted({c.seed for s in settings for c in s.cells})
+        steps = sorted({p["step"] for s in settings for p in s.points()})
+        note = ("forget rate [95% bootstrap CI]" if len(seeds) == 1 else
+                f"forget rate, mean over seeds {seeds} [range of the seeds]")  # fmt: skip
+        rows = []
+        for s in settings:
+            by_step = {p["step"]: p for p in s.points()}
+            relearn = [c.summary["steps_to_relearn"] for c in s.cells]
+            rows.append(
+                [s.contender]
+                + [_rate(by_step[t]["forget_rate"], by_step[t]["forget_rate_ci"]) if t in by_step else "-" for t in steps]
+                + [", ".join(_steps(r) for r in relearn), f"{statistics.fmean(c.summary['auc'] for c in s.cells):.3f}",
+                   f"{by_step[steps[-1]]['retain_alignment']:.3f}" if steps[-1] in by_step else "-"]
+            )  # fmt: skip
+        blocks.append(Paragraph(f"Rows: {note} after each number of attack steps; steps-to-relearn per seed; "
+                                "AUC: area under the forget-rate curve over the attack, normalised to 1."))  # fmt: skip
+        blocks.append(Table(["contender", *[f"step {t}" for t in steps], "steps to relearn", "AUC",
+                             "retain alignment (last)"], rows))  # fmt: skip
+        curve = figures / f"curve-{digest([concept, attack])}.png"
+        plot_curves({s.contender: s.points() for s in settings}, curve, threshold, title=f"{concept}: {attack}")
+        grids = []
+        for s in settings:
+            grid = store.path.parent / "grids" / f"cell-{s.cells[0].key}.png"
+            if grid.is_file():
+                grids.append(Figure(grid, f"{s.contender} after the attack (seed {s.cells[0].seed})"))
+        blocks.append(Figure(curve, f"{concept}: forget rate and retain alignment during {attack}"))
+        if grids:
+            blocks.append(Figures(grids))
+    return blocks
+
+
+def _reference_concept(store: ResultStore, grid: Path) -> str | None:
+    key = grid.stem.removeprefix("reference-")
+    found = store.evaluation(key)
+    return None if found is None else found.get("concept")
+
+
+def _environment_blocks(store: ResultStore, cells: list[CellResult]) -> list[Block]:
+    blocks: list[Block] = [Heading("Environment and cost")]
+    for host, environment in store.meta_items("environment:"):
+        versions = ", ".join(f"{k} {v}" for k, v in environment.get("versions", {}).items())
+        blocks.append(Paragraph(f"`{host}`: {environment.get('hardware', '')}; {versions}."))
+    rows = [[c.concept, c.contender, c.attack, str(c.seed), f"{c.wall_seconds:.0f}", c.host, f"`{c.key}`"] for c in cells]
+    blocks.append(Table(["concept", "contender", "attack", "seed", "wall s (this cell)", "host", "cell"], rows))
+    return blocks
+
+
+# -- rendering -------------------------------------------------------------------------------
+def _markdown(blocks: list[Block], out: Path) -> str:
+    lines: list[str] = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            lines += ["#" * block.level + " " + block.text, ""]
+        elif isinstance(block, Paragraph):
+            lines += [block.text, ""]
+        elif isinstance(block, Table):
+            lines.append("| " + " | ".join(block.header) + " |")
+            lines.append("|" + "---|" * len(block.header))
+            lines += ["| " + " | ".join(row) + " |" for row in block.rows]
+            lines.append("")
+        else:
+            for figure in block.items if isinstance(block, Figures) else [block]:
+                lines.append(f"![{figure.caption}]({_copy_figure(figure.path, out)})")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def _copy_figure(path: Path, out: Path) -> str:
+    """Figures live beside the Markdown (in ``figures/``) so the folder can be moved or published."""
+    if path.parent.resolve() == (out / "figures").resolve():
+        return str(path.relative_to(path.parent.parent))
+    target = out / "figures" / f"{digest(str(path.resolve()))}-{path.name}"
+    shutil.copyfile(path, target)
+    return str(target.relative_to(out))
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; }
+th { background: #f2f2f2; }
+figure { display: inline-block; margin: 0.5em; vertical-align: top; }
+figure img { max-width: 560px; border: 1px solid #ddd; }
+figcaption { font-size: 0.85em; color: #555; }
+code { background: #f6f6f6; padding: 0 0.2em; }
+"""
+
+
+def _inline(text: str) -> str:
+    """Markdown's `code` and **bold** as HTML (the only inline markup the blocks use)."""
+    import re
+
+    escaped = html.escape(text)
+    escaped = re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", escaped)
+
+
+def _figure_html(figure: Figure) -> str:
+    data = base64.b64encode(figure.path.read_bytes()).decode()
+    caption = html.escape(figure.caption)
+    return f'<figure><img alt="{caption}" src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>'
+
+
+def _html(blocks: list[Block]) -> str:
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             "<title>unrelearn benchmark report</title>", f"<style>{_STYLE}</style></head><body>"]  # fmt: skip
+    for block in blocks:
+        if isinstance(block, Heading):
+            parts.append(f"<h{block.level}>{_inline(block.text)}</h{block.level}>")
+        elif isinstance(block, Paragraph):
+            parts.append(f"<p>{_inline(block.text)}</p>")
+        elif isinstance(block, Table):
+            head = "".join(f"<th>{_inline(h)}</th>" for h in block.header)
+            body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in block.rows)
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        else:
+            items = block.items if isinstance(block, Figures) else [block]
+            parts.append("<div>" + "".join(_figure_html(f) for f in items) + "</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(folder: str | Path, out: str | Path | None = None) -> dict[str, Path]:
+    folder = Path(folder)
+    database = folder / "results.sqlite"
+    if not database.is_file():
+        raise UnrelearnError(f"{str(folder)!r} holds no results.sqlite; give the --out folder of `unrelearn bench`")
+    out = Path(out) if out is not None else folder / "report"
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    store = ResultStore(database)
+    try:
+        blocks = build_blocks(store, out / "figures")
+    finally:
+        store.close()
+    markdown, page = out / "report.md", out / "report.html"
+    write_text_atomic(markdown, _markdown(blocks, out))
+    write_text_atomic(page, _html(blocks))
+    return {"markdown": markdown, "html": page}

@@ -1,0 +1,244 @@
+"""``unrelearn bench``: run a preset's cells into one folder, resumably and in shards.
+
+Layout of the benchmark folder ``DIR``::
+
+    results.sqlite          every finished cell, its curve, models and reference evaluations
+    models/KEY/             unlearned models (diffusers folders with run.json), shared by cells
+    cells/KEY/              each attack's curve.json, run.json, curve.png (its model is deleted
+                            once its image grid is drawn, unless --keep-models)
+    grids/                  image grids: the base model, each model before attack, after each attack
+
+A cell is done when its row is in the store; a rerun skips it. An interrupted cell resumes from
+its attack checkpoint, an interrupted unlearning from its own, so a killed benchmark run again
+recomputes nothing that finished and ends with the uninterrupted results. Shards (``--shard
+i/n``) take disjoint cells; cells and models they share are guarded by file locks, so shards
+and plain concurrent runs into one ``DIR`` never do the same work twice at once.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unrelearn.bench.grid import Cell, Contender, digest, expand, load_preset, parse_shard, shard
+from unrelearn.bench.store import CellResult, ResultStore
+from unrelearn.io import OutputBusy, ensure_writable_parent, library_versions, output_lock
+from unrelearn.progress import stage
+
+GRID_SAMPLES = 16
+
+
+@dataclass
+class BenchSummary:
+    cells: int
+    already_done: int
+    computed: int
+    busy: list[str]
+    folder: Path
+
+
+def durability_summary(points: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
+    """Steps-to-relearn (first evaluated step at or above ``threshold``), the worst forget rate,
+    and the area under the forget-rate curve normalised by the attack length (0: never there,
+    1: there from step 0)."""
+    points = sorted(points, key=lambda p: p["step"])
+    worst = max(points, key=lambda p: p["forget_rate"])
+    steps = [p["step"] for p in points]
+    rates = [p["forget_rate"] for p in points]
+    span = steps[-1] - steps[0]
+    area = sum((b - a) * (x + y) / 2 for a, b, x, y in zip(steps, steps[1:], rates, rates[1:])) / span if span else rates[0]
+    return {
+        "threshold": threshold,
+        "steps_to_relearn": next((p["step"] for p in points if p["forget_rate"] >= threshold), None),
+        "max_forget_rate": worst["forget_rate"],
+        "max_forget_rate_ci": worst["forget_rate_ci"],
+        "max_at_step": worst["step"],
+        "auc": area,
+        "final": points[-1],
+    }
+
+
+def run_bench(
+    preset_name: str | dict[str, Any],
+    out: str | Path,
+    shard_text: str | None = None,
+    oracles: dict[str, str] | None = None,
+    device: str | torch.device = "cpu",
+    keep_models: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+) -> BenchSummary:
+    out = Path(out)
+    ensure_writable_parent(out)
+    index, count = parse_shard(shard_text)
+    preset = load_preset(preset_name) if isinstance(preset_name, str) else {"name": "custom"} | preset_name
+    cells = expand(preset, oracles)
+    mine = shard(cells, index, count)
+    out.mkdir(parents=True, exist_ok=True)
+    store = ResultStore(out / "results.sqlite")
+    try:
+        store.set_meta(f"preset:{preset['name']}", {"preset": preset, "cells": [c.key for c in cells],
+                                                    "command": command, "oracles": oracles or {}})  # fmt: skip
+        store.set_meta(f"environment:{socket.gethostname()}", {"hardware": _hardware(device), "versions": library_versions()})
+        done = store.finished_keys()
+        todo = [c for c in mine if c.key not in done]
+        stage(f"bench {preset['name']}: {len(cells)} cells, {len(cells) - len([c for c in cells if c.key not in done])} "
+              f"finished before; this shard ({index + 1}/{count}) runs {len(todo)}", progress)  # fmt: skip
+        runner = _Runner(store, out, preset.get("model", "builtin:shapes"), device, keep_models, progress)
+        computed, busy = 0, []
+        for number, cell in enumerate(todo, 1):
+            stage(f"cell {number}/{len(todo)}: {cell.concept} | {cell.contender.label} | {cell.attack_label} | "
+                  f"seed {cell.seed}", progress)  # fmt: skip
+            try:
+                # Not the attack's own folder: attack() takes that lock itself.
+                with output_lock(out / "cells" / f"{cell.key}.claim"):
+                    if cell.key in store.finished_keys():
+                        continue
+                    runner.run(cell)
+                    computed += 1
+            except OutputBusy:
+                stage(f"cell {cell.key} is being run by another process; left to it", progress)
+                busy.append(cell.key)
+        return BenchSummary(len(cells), len(mine) - len(todo), computed, busy, out)
+    finally:
+        store.close()
+
+
+class _Runner:
+    def __init__(
+        self, store: ResultStore, out: Path, base_model: str, device: Any, keep_models: bool, progress: bool
+    ) -> None:
+        self.store, self.out, self.base_model = store, out, base_model
+        self.device, self.keep_models, self.progress = device, keep_models, progress
+
+    def run(self, cell: Cell) -> None:
+        from unrelearn.attacks import AttackConfig, attack
+        from unrelearn.evaluate import EvalConfig
+        from unrelearn.model import DiffusionModel
+
+        began = time.perf_counter()
+        self.store.log(cell.key, "started")
+        eval_config = EvalConfig(**cell.evaluation)
+        reference = self.reference(cell.concept, eval_config)
+        model_dir = self.model(cell.contender, cell.concept, eval_config)
+        folder = self.out / "cells" / cell.key
+        if (folder / "curve.json").is_file():
+            curve = json.loads((folder / "curve.json").read_text())
+        else:
+            model = DiffusionModel.load(model_dir, device=self.device)
+            curve = attack(model, cell.concept, AttackConfig(**cell.attack), folder, list(cell.eval_at), eval_config,
+                           reference_rate=reference, progress=self.progress)  # fmt: skip
+        grid = self.out / "grids" / f"cell-{cell.key}.png"
+        if not grid.is_file():
+            attacked = DiffusionModel.load(folder / "model", device=self.device)
+            title = f"{cell.contender.label} after {cell.attack_label} (seed {cell.seed})"
+            _flagged_grid(attacked, cell.concept, eval_config, grid, title)
+        summary = durability_summary(curve["points"], curve["threshold"]) | {"reference_forget_rate": reference}
+        self.store.add_cell(CellResult(
+            cell.key, cell.concept, cell.contender.label, cell.attack_label, cell.seed, cell.spec(), summary,
+            curve["points"], time.perf_counter() - began, socket.gethostname(),
+        ))  # fmt: skip
+        if not self.keep_models:
+            shutil.rmtree(folder / "model", ignore_errors=True)
+
+    def reference(self, concept: str, eval_config: Any) -> float:
+        """The forget rate of the world's model before unlearning (the relearn threshold is half of it)."""
+        from unrelearn.assets import load_model
+        from unrelearn.evaluate import evaluate
+
+        key = digest({"model": self.base_model, "concept": concept, "eval": eval_config.__dict__})
+        with output_lock(self.out / "references" / key, wait=True):
+            found = self.store.evaluation(key)
+            if found is None:
+                stage(f"evaluating {self.base_model} on {concept!r} (the reference forget rate)", self.progress)
+                model = load_model(self.base_model, device=self.device)
+                result = evaluate(model, concept, eval_config, progress=False)
+                _flagged_grid(model, concept, eval_config, self.out / "grids" / f"reference-{key}.png",
+                              f"{self.base_model} before unlearning")  # fmt: skip
+                found = result.metrics | {"model": self.base_model}
+                self.store.add_evaluation(key, self.base_model, concept, found)
+        return float(found["forget_rate"])
+
+    def model(self, contender: Contender, concept: str, eval_config: Any) -> Path:
+        """The model this contender attacks: unlearned once into ``models/KEY``, reused by every cell."""
+        from unrelearn.assets import load_model, model_path
+        from unrelearn.methods import unlearn
+        from unrelearn.model import DiffusionModel
+
+        key = contender.key(concept)
+        folder = self.out / "models" / key if contender.method else model_path(contender.model)
+        with output_lock(self.out / "models" / f"{key}.entry", wait=True):
+            found = self.store.model(key)
+            if found is not None:
+                return Path(found["path"])
+            record: dict[str, Any] = {"versions": library_versions()}
+            if contender.method and (folder / "run.json").is_file():  # unlearned before a kill, not yet recorded
+                record = json.loads((folder / "run.json").read_text())
+                model = DiffusionModel.load(folder, device=self.device)
+            elif contender.method:
+                stage(f"unlearning {concept!r} with {contender.method} ({contender.label})", self.progress)
+                model = load_model(contender.model, device=self.device)
+                record = unlearn(model, contender.method, concept, out=folder, overrides=contender.options,
+                                 progress=self.progress)  # fmt: skip
+            else:
+                model = load_model(contender.model, device=self.device)
+            _flagged_grid(model, concept, eval_config, self.out / "grids" / f"model-{key}.png",
+                          f"{contender.label} before attack")  # fmt: skip
+            self.store.add_model(key, concept, contender.label, contender.identity(concept) | {"oracle": contender.oracle},
+                                 str(folder), record)  # fmt: skip
+            return folder
+
+
+def _hardware(device: Any) -> str:
+    import os
+    import platform
+
+    text = f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"
+    if torch.device(device).type == "cuda":
+        text += f", {torch.cuda.get_device_name(torch.device(device))}"
+    return text + f", device {device}"
+
+
+def _flagged_grid(model: Any, concept: str, eval_config: Any, path: Path, title: str) -> None:
+    """Samples from the concept's evaluation prompts, framed red where the detector sees the concept."""
+    from unrelearn.assets import load_detector
+    from unrelearn.evaluate import cycle_captions
+    from unrelearn.metrics import concept_flags
+    from unrelearn.report import save_grid
+    from unrelearn.worlds import get_world
+
+    world = get_world(model.world)
+    sets = world.concept_sets(concept)
+    captions = cycle_captions(sets.evaluation, GRID_SAMPLES)
+    texts = [c.text for c in captions]
+    images = model.sample(texts, seed=eval_config.seed, steps=eval_config.steps, guidance=eval_config.guidance or model.guidance)
+    flags = concept_flags(load_detector(world.name), images, sets.attribute, concept)
+    save_grid(images, texts, path, title=f"{title}: {sum(flags)}/{len(flags)} show {concept!r}", marked=flags)
+
+
+def describe(summary: BenchSummary) -> str:
+    busy = f", {len(summary.busy)} left to other processes" if summary.busy else ""
+    return (
+        f"{summary.cells} cells: {summary.already_done} finished before, {summary.computed} computed now{busy}; "
+        f"results in {summary.folder / 'results.sqlite'}, `unrelearn report {summary.folder}` draws them"
+    )
+
+
+def list_bench(preset_name: str, out: str | Path, oracles: dict[str, str] | None = None) -> list[str]:
+    """One line per cell of the preset: key, what it runs, and whether ``out`` holds its result."""
+    cells = expand(load_preset(preset_name), oracles)
+    done: set[str] = set()
+    if (Path(out) / "results.sqlite").is_file():
+        store = ResultStore(Path(out) / "results.sqlite")
+        done = store.finished_keys()
+        store.close()
+    lines = [f"{c.key}  {'done   ' if c.key in done else 'pending'}  {c.concept} | {c.contender.label} | "
+             f"{c.attack_label} | seed {c.seed}" for c in cells]  # fmt: skip
+    return lines + [f"{len(cells)} cells, {sum(c.key in done for c in cells)} finished"]

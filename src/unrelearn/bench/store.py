@@ -1,0 +1,219 @@
+"""The benchmark's results store: one SQLite file in the benchmark folder.
+
+Several processes (shards of a job array, or two benchmarks sharing a folder) write into it at
+once: every write is one ``BEGIN IMMEDIATE`` transaction, so a cell's curve and its summary land
+together or not at all, and a writer that finds the database busy waits instead of losing its
+row. WAL mode lets the report read while shards write. The file must live on a file system with
+working POSIX locks (a local disk or a lock-capable cluster file system, not NFS without locks).
+
+An ``events`` table logs every start and finish of a cell with host and pid: it is how a resumed
+benchmark shows that it recomputed no finished cell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unrelearn.errors import UnrelearnError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cells (
+    key TEXT PRIMARY KEY,
+    concept TEXT NOT NULL,
+    contender TEXT NOT NULL,
+    attack TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    spec TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    wall_seconds REAL NOT NULL,
+    host TEXT NOT NULL,
+    finished_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS points (
+    cell TEXT NOT NULL REFERENCES cells(key),
+    step INTEGER NOT NULL,
+    forget_rate REAL NOT NULL,
+    forget_low REAL NOT NULL,
+    forget_high REAL NOT NULL,
+    retain_alignment REAL NOT NULL,
+    retain_low REAL NOT NULL,
+    retain_high REAL NOT NULL,
+    fid REAL NOT NULL,
+    PRIMARY KEY (cell, step)
+);
+CREATE TABLE IF NOT EXISTS models (
+    key TEXT PRIMARY KEY,
+    concept TEXT NOT NULL,
+    contender TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    path TEXT NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS evaluations (
+    key TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    concept TEXT NOT NULL,
+    metrics TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    time REAL NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    cell TEXT NOT NULL,
+    what TEXT NOT NULL
+);
+"""
+
+
+@dataclass
+class CellResult:
+    key: str
+    concept: str
+    contender: str
+    attack: str
+    seed: int
+    spec: dict[str, Any]
+    summary: dict[str, Any]
+    points: list[dict[str, Any]]
+    wall_seconds: float
+    host: str
+
+
+class ResultStore:
+    """Rows of finished cells, models and reference evaluations, keyed by the hash of their settings."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # isolation_level=None: transactions are opened explicitly (BEGIN IMMEDIATE), so a
+            # writer takes the write lock before it reads what it is about to change.
+            self._db = sqlite3.connect(self.path, timeout=300, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            with self._write() as db:
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    db.execute(statement)
+                found = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+                if found is None:
+                    db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                elif int(found[0]) != SCHEMA_VERSION:
+                    raise UnrelearnError(
+                        f"{str(self.path)!r} holds results of store schema {found[0]}, this unrelearn writes schema "
+                        f"{SCHEMA_VERSION}; use a new --out folder"
+                    )
+        except sqlite3.DatabaseError as error:
+            raise UnrelearnError(f"{str(self.path)!r} is not a usable results store ({error}); choose another --out") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- metadata -------------------------------------------------------------------------
+    def set_meta(self, name: str, value: Any) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, json.dumps(value, sort_keys=True)))
+
+    def meta(self, name: str) -> Any:
+        row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def meta_items(self, prefix: str) -> list[tuple[str, Any]]:
+        """(name without ``prefix``, value) of every metadata entry whose name starts with ``prefix``."""
+        rows = self._db.execute("SELECT name, value FROM meta WHERE substr(name, 1, ?) = ? ORDER BY name", (len(prefix), prefix))
+        return [(name[len(prefix) :], json.loads(value)) for name, value in rows]
+
+    # -- cells ----------------------------------------------------------------------------
+    def finished_keys(self) -> set[str]:
+        return {row[0] for row in self._db.execute("SELECT key FROM cells")}
+
+    def log(self, cell: str, what: str) -> None:
+        with self._write() as db:
+            db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?)", (time.time(), socket.gethostname(), os.getpid(), cell, what))
+
+    def events(self, cell: str | None = None) -> list[tuple[str, str]]:
+        query = "SELECT cell, what FROM events" + (" WHERE cell = ?" if cell else "") + " ORDER BY rowid"
+        return list(self._db.execute(query, (cell,) if cell else ()))
+
+    def add_cell(self, result: CellResult) -> None:
+        """The cell, its curve and its finish event in one transaction."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO cells VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (result.key, result.concept, result.contender, result.attack, result.seed,
+                 json.dumps(result.spec, sort_keys=True), json.dumps(result.summary, sort_keys=True),
+                 result.wall_seconds, result.host, time.time()),
+            )  # fmt: skip
+            db.execute("DELETE FROM points WHERE cell = ?", (result.key,))
+            db.executemany(
+                "INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(result.key, p["step"], p["forget_rate"], *p["forget_rate_ci"], p["retain_alignment"],
+                  *p["retain_alignment_ci"], p["fid"]) for p in result.points],
+            )  # fmt: skip
+            db.execute(
+                "INSERT INTO events VALUES (?, ?, ?, ?, 'finished')", (time.time(), socket.gethostname(), os.getpid(), result.key)
+            )
+
+    def cells(self) -> list[CellResult]:
+        points: dict[str, list[dict[str, Any]]] = {}
+        for row in self._db.execute("SELECT * FROM points ORDER BY cell, step"):
+            points.setdefault(row[0], []).append({
+                "step": row[1], "forget_rate": row[2], "forget_rate_ci": [row[3], row[4]],
+                "retain_alignment": row[5], "retain_alignment_ci": [row[6], row[7]], "fid": row[8],
+            })  # fmt: skip
+        return [
+            CellResult(
+                key, concept, contender, attack, seed, json.loads(spec), json.loads(summary), points.get(key, []), wall, host
+            )
+            for key, concept, contender, attack, seed, spec, summary, wall, host, _ in self._db.execute(
+                "SELECT * FROM cells ORDER BY concept, contender, attack, seed"
+            )
+        ]
+
+    # -- models and reference evaluations -------------------------------------------------
+    def add_model(self, key: str, concept: str, contender: str, spec: dict, path: str, record: dict) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, ?)",
+                (key, concept, contender, json.dumps(spec, sort_keys=True), path, json.dumps(record, sort_keys=True, default=str)),
+            )
+
+    def model(self, key: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT path, record FROM models WHERE key = ?", (key,)).fetchone()
+        return None if row is None else {"path": row[0], "record": json.loads(row[1])}
+
+    def models(self) -> list[dict[str, Any]]:
+        return [
+            {"key": k, "concept": c, "contender": n, "spec": json.loads(s), "path": p, "record": json.loads(r)}
+            for k, c, n, s, p, r in self._db.execute("SELECT * FROM models ORDER BY concept, contender")
+        ]
+
+    def add_evaluation(self, key: str, model: str, concept: str, metrics: dict) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?)",
+                       (key, model, concept, json.dumps(metrics, sort_keys=True, default=str)))  # fmt: skip
+
+    def evaluation(self, key: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT metrics FROM evaluations WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])

@@ -1,0 +1,234 @@
+"""The benchmark: grid expansion, the results store, resuming after a kill, shards, the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from unrelearn.bench.grid import expand, load_preset, parse_shard, preset_names, shard
+from unrelearn.bench.report import write_report
+from unrelearn.bench.store import CellResult, ResultStore
+from unrelearn.errors import UnrelearnError
+
+TINY = {
+    "description": "test grid",
+    "model": "builtin:shapes",
+    "concepts": ["circle"],
+    "oracle": "builtin:shapes-oracle-{concept}",
+    "contenders": [{"label": "uce", "method": "uce"}],
+    "attacks": [{"data": ["hrm-m", "clean"], "steps": 3, "lr": 1e-4, "batch_size": 2, "data_size": 8, "eval_at": [0, 3]}],
+    "seeds": [0],
+    "eval": {"samples": 4, "steps": 2},
+}
+ENV = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def write_preset(folder: Path, preset: dict) -> Path:
+    path = folder / "preset.json"
+    path.write_text(json.dumps(preset))
+    return path
+
+
+def bench_command(preset: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "unrelearn.cli", "bench", "--preset", str(preset), "--out", str(out), *extra]
+
+
+def rows(folder: Path) -> dict[str, tuple]:
+    """Everything a result is made of, per cell (not where or how long it ran)."""
+    store = ResultStore(folder / "results.sqlite")
+    try:
+        return {c.key: (c.spec, c.summary, c.points) for c in store.cells()}
+    finally:
+        store.close()
+
+
+def test_presets_expand_to_checked_cells():
+    assert {"quick", "table1", "durability", "resalign", "dimra", "adaptive"} <= set(preset_names())
+    for name in preset_names():
+        cells = expand(load_preset(name))
+        assert cells and len({c.key for c in cells}) == len(cells)
+    grid = TINY | {"attacks": [{"data": ["hrm-m", "clean"], "lr": [1e-5, 1e-4], "mode": ["full", "lora"], "steps": 10}],
+                   "seeds": [0, 1]}  # fmt: skip
+    cells = expand(grid)
+    # 2 contenders (uce, the shipped oracle) x 2 data x 2 lrs x 2 modes x 2 seeds
+    assert len(cells) == 2 * 2 * 2 * 2 * 2
+    assert {c.attack["lr"] for c in cells} == {1e-5, 1e-4} and {c.seed for c in cells} == {0, 1}
+    assert sum(c.contender.oracle for c in cells) == 16
+    # lora_targets is a list by type: a plain list is one value, a list of lists an axis.
+    one = expand(TINY | {"attacks": [{"steps": 10, "lora_targets": ["to_q", "to_v"]}]})
+    two = expand(TINY | {"attacks": [{"steps": 10, "lora_targets": [["to_q"], ["to_v"]]}]})
+    assert len(two) == 2 * len(one)
+
+
+def test_a_cell_key_names_what_changes_its_result_not_its_label():
+    relabelled = TINY | {"contenders": [{"label": "renamed", "method": "uce"}]}
+    assert {c.key for c in expand(TINY)} == {c.key for c in expand(relabelled)}
+    other_option = TINY | {"contenders": [{"label": "uce", "method": "uce", "options": {"seed": 1}}]}
+    assert {c.key for c in expand(TINY)} != {c.key for c in expand(other_option)}
+
+
+def test_shards_are_disjoint_and_cover_the_grid():
+    cells = expand(TINY | {"seeds": [0, 1, 2]})
+    parts = [shard(cells, i, 4) for i in range(4)]
+    keys = [c.key for part in parts for c in part]
+    assert sorted(keys) == sorted(c.key for c in cells) and len(set(keys)) == len(keys)
+    assert parse_shard("2/4") == (1, 4) and parse_shard(None) == (0, 1)
+    for bad in ("0/4", "5/4", "a/b", "3"):
+        with pytest.raises(UnrelearnError, match="--shard"):
+            parse_shard(bad)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"attacks": [{"steps": 3, "learning_rate": 1e-4}]}, "unknown field"),
+        ({"attacks": [{"steps": 3, "lr": -1.0}]}, "lr"),
+        ({"attacks": [{"steps": 3, "eval_at": [0, 5]}]}, "eval_at"),
+        ({"contenders": [{"method": "esd-u-9x"}]}, "unknown method"),
+        ({"contenders": [{"method": "uce", "options": {"no_such": 1}}]}, "no_such"),
+        ({"concepts": []}, "names no concepts"),
+        ({"eval": {"samples": 1}}, "samples"),
+        ({"frobnicate": 1}, "unknown field"),
+    ],
+)
+def test_bad_presets_fail_before_any_work_with_one_line(change, message):
+    with pytest.raises(UnrelearnError, match=message):
+        expand(TINY | change)
+
+
+def test_store_keeps_every_row_of_concurrent_writers(tmp_path):
+    """Eight threads, each with its own connection, write 25 cells each at once: none is lost."""
+    ResultStore(tmp_path / "results.sqlite").close()
+    point = {"step": 0, "forget_rate": 0.5, "forget_rate_ci": [0.4, 0.6], "retain_alignment": 0.9,
+             "retain_alignment_ci": [0.8, 1.0], "fid": 1.0}  # fmt: skip
+
+    def writer(worker: int) -> None:
+        store = ResultStore(tmp_path / "results.sqlite")
+        for i in range(25):
+            store.add_cell(CellResult(f"{worker}-{i}", "c", "m", "a", 0, {}, {"n": i}, [point], 0.0, "h"))
+        store.close()
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    store = ResultStore(tmp_path / "results.sqlite")
+    assert len(store.finished_keys()) == 200 and len(store.cells()) == 200
+    assert [what for _, what in store.events()].count("finished") == 200
+
+
+def test_a_store_of_another_schema_or_not_a_database_is_refused(tmp_path):
+    (tmp_path / "junk.sqlite").write_text("not a database, just text " * 100)
+    with pytest.raises(UnrelearnError, match="not a usable results store"):
+        ResultStore(tmp_path / "junk.sqlite")
+    ResultStore(tmp_path / "old.sqlite").close()
+    with sqlite3.connect(tmp_path / "old.sqlite") as db:
+        db.execute("UPDATE meta SET value = '0' WHERE name = 'schema'")
+    with pytest.raises(UnrelearnError, match="schema 0"):
+        ResultStore(tmp_path / "old.sqlite")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The tiny grid run start to finish by one process."""
+    folder = tmp_path_factory.mktemp("bench")
+    preset = write_preset(folder, TINY)
+    done = subprocess.run(bench_command(preset, folder / "one"), env=ENV, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "4 cells: 0 finished before, 4 computed now" in done.stdout
+    return preset, folder / "one"
+
+
+def test_a_killed_benchmark_recomputes_no_finished_cell_and_loses_no_row(uninterrupted, tmp_path):
+    preset, straight = uninterrupted
+    out = tmp_path / "killed"
+    process = subprocess.Popen(bench_command(preset, out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    finished_before: set[str] = set()
+    while process.poll() is None and time.monotonic() < deadline and len(finished_before) < 2:
+        time.sleep(0.2)
+        if (out / "results.sqlite").is_file():
+            with sqlite3.connect(out / "results.sqlite", timeout=30) as db:
+                finished_before = {k for (k,) in db.execute("SELECT key FROM cells")} if _has_cells(db) else set()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the benchmark finished before it could be killed"
+    assert 2 <= len(finished_before) < 4
+
+    again = subprocess.run(bench_command(preset, out), env=ENV, capture_output=True, text=True, check=False)
+    assert again.returncode == 0, again.stderr
+    store = ResultStore(out / "results.sqlite")
+    events = store.events()
+    store.close()
+    for key in finished_before:
+        assert [what for cell, what in events if cell == key] == ["started", "finished"], "a finished cell ran again"
+    assert sorted(cell for cell, what in events if what == "finished") == sorted(rows(straight))
+    assert rows(out) == rows(straight)
+
+
+def _has_cells(db: sqlite3.Connection) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE name = 'cells'").fetchone() is not None
+
+
+def test_two_shards_at_once_give_the_results_of_one_process(uninterrupted, tmp_path):
+    preset, straight = uninterrupted
+    out = tmp_path / "sharded"
+    shards = [subprocess.Popen(bench_command(preset, out, "--shard", f"{i}/2"), env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for i in (1, 2)]  # fmt: skip
+    outputs = [p.communicate(timeout=600) for p in shards]
+    assert all(p.returncode == 0 for p in shards), [err for _, err in outputs]
+    assert rows(out) == rows(straight)
+    # Each shard computed its own half: no cell was started twice.
+    store = ResultStore(out / "results.sqlite")
+    started = [cell for cell, what in store.events() if what == "started"]
+    store.close()
+    assert len(started) == len(set(started)) == 4
+    # Run again: nothing left to do.
+    again = subprocess.run(bench_command(preset, out), env=ENV, capture_output=True, text=True, check=False)
+    assert "4 finished before, 0 computed now" in again.stdout
+
+
+def test_the_report_shows_the_stored_numbers_tables_and_images(uninterrupted, tmp_path):
+    _, folder = uninterrupted
+    written = write_report(folder, tmp_path / "report")
+    markdown, page = written["markdown"].read_text(), written["html"].read_text()
+    store = ResultStore(folder / "results.sqlite")
+    cells = store.cells()
+    store.close()
+    for cell in cells:
+        first = cell.points[0]
+        lo, hi = first["forget_rate_ci"]
+        assert f"{first['forget_rate']:.3f} [{lo:.3f}, {hi:.3f}]" in markdown
+        assert cell.attack in markdown and cell.key in page
+    assert "Worst case over attack settings" in markdown and "| oracle |" in markdown
+    # Self-contained: every image inline, no file reference left in the page.
+    assert page.count("<table>") >= 4 and page.count('src="data:image/png;base64,') >= 7
+    assert 'src="' not in page.replace('src="data:image/png;base64,', "")
+    for link in [line.split("](")[1].rstrip(")") for line in markdown.splitlines() if line.startswith("![")]:
+        assert (tmp_path / "report" / link).is_file()
+
+
+def test_bench_cli_errors_are_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from unrelearn.cli import app
+
+    for args, message in [
+        (["bench", "--preset", "nope"], "unknown preset"),
+        (["bench", "--preset", str(write_preset(tmp_path, TINY)), "--shard", "3/2"], "--shard"),
+        (["bench", "--preset", "quick", "--oracle", "circle"], "CONCEPT=MODEL"),
+        (["report", str(tmp_path / "nothing")], "results.sqlite"),
+    ]:
+        done = CliRunner().invoke(app, [*args, *(["--out", str(tmp_path / "o")] if args[0] == "bench" else [])])
+        assert done.exit_code == 2 and done.output.count("\n") == 1 and message in done.output, done.output
+    assert not (tmp_path / "o").exists()
