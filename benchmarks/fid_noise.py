@@ -1,12 +1,15 @@
-"""How much does the evaluation's FID move when nothing but the seed changes?
+"""How much do the evaluation's quality metrics move when nothing but the seed changes?
 
-FID compares generations from the retain prompts with ground-truth renders of the same
-prompts, in the detector's 64-d features. At a few hundred images that estimate is biased
-and noisy; this prints the floor (two independent sets of ground-truth renders) and the
-model's own spread over seeds, with the seeds `unrelearn evaluate --seed S` uses (retain
-generations S + 1, renders S + 2), so seed 0 reproduces the FID of an evaluation.
+For each sample count and seed, the model's retain generations (the seeds `unrelearn evaluate
+--seed S` uses: generations S + 1) are scored in the detector's 64-d features, as `evaluate`
+scores them:
+- precision: the share inside the k-NN manifold of the cached 10,000 ground-truth renders;
+- FID against the same reference;
+- KID against it (torchmetrics, 100 subsets, standardized features);
+- the former FID against as many fresh renders as generations (renders S + 2), for comparison.
+It prints each metric's relative spread over the seeds, (max - min) / mean.
 
-    python benchmarks/fid_noise.py [--model builtin:shapes] [--concept striped] [--samples 128] [--seeds 0,1,2]
+    python benchmarks/fid_noise.py [--model builtin:shapes] [--concept striped] [--samples 64,128] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -19,17 +22,27 @@ from pathlib import Path
 import torch
 
 from unrelearn.assets import load_detector, load_model
-from unrelearn.evaluate import EvalConfig, cycle_captions, retain_and_real_images
+from unrelearn.evaluate import EvalConfig, cycle_captions, reference_features, reference_radii, retain_generations
 from unrelearn.io import write_json_atomic
-from unrelearn.metrics import detector_fid
+from unrelearn.metrics import (
+    detector_features,
+    detector_fid,
+    frechet_distance,
+    kernel_distance,
+    manifold_precision_flags,
+)
 from unrelearn.worlds import get_world
+
+
+def spread(values: list[float]) -> float:
+    return (max(values) - min(values)) / statistics.mean(values)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin:shapes")
     parser.add_argument("--concept", default="striped")
-    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--samples", default="64,128")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -37,28 +50,37 @@ def main() -> None:
     model = load_model(args.model)
     world = get_world(model.world)
     detector = load_detector(world.name)
-    retain = cycle_captions(world.concept_sets(args.concept).retain, args.samples)
-    seeds = [int(s) for s in args.seeds.split(",")]
     began = time.perf_counter()
-    real_vs_real, model_fid = {}, {}
-    for seed in seeds:
-        config = EvalConfig(samples=args.samples, seed=seed, guidance=model.guidance)
-        generated, real = retain_and_real_images(model, world, retain, config)
-        other_real, _ = world.render(retain, torch.Generator().manual_seed(seed + 1000))
-        real_vs_real[seed] = detector_fid(detector, real, other_real)
-        model_fid[seed] = detector_fid(detector, real, generated)
-        print(f"seed {seed}: real vs real {real_vs_real[seed]:.0f}, model {model_fid[seed]:.0f}", flush=True)
-    summary = {
-        "model": args.model,
-        "concept": args.concept,
-        "samples": args.samples,
-        "real_vs_real": real_vs_real,
-        "model_fid": model_fid,
-        "model_relative_spread": (max(model_fid.values()) - min(model_fid.values())) / statistics.mean(model_fid.values()),
-        "wall_seconds": time.perf_counter() - began,
-    }
-    print(f"model FID {min(model_fid.values()):.0f}-{max(model_fid.values()):.0f} over seeds {args.seeds}; "
-          f"real vs real {min(real_vs_real.values()):.0f}-{max(real_vs_real.values()):.0f}")  # fmt: skip
+    reference = reference_features(world, args.concept, detector)
+    radii = reference_radii(world, args.concept, detector)
+    mean, deviation = reference.mean(0), reference.std(0).clamp_min(1e-6)
+    print(f"reference features: {len(reference)} renders in {time.perf_counter() - began:.1f} s (cached afterwards)")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = {}
+    for samples in [int(n) for n in args.samples.split(",")]:
+        retain = cycle_captions(world.concept_sets(args.concept).retain, samples)
+        precision, fid, kid, paired = [], [], [], []
+        for seed in seeds:
+            config = EvalConfig(samples=samples, seed=seed, guidance=model.guidance)
+            generated = retain_generations(model, retain, config)
+            features = detector_features(detector, generated)
+            inside = manifold_precision_flags(reference, radii, features)
+            precision.append(sum(inside) / len(inside))
+            fid.append(frechet_distance(reference, features))
+            kid.append(kernel_distance((reference - mean) / deviation, (features - mean) / deviation, seed=seed)[0])
+            renders, _ = world.render(retain, torch.Generator().manual_seed(seed + 2))
+            paired.append(detector_fid(detector, renders, generated))
+            print(f"samples {samples} seed {seed}: precision {precision[-1]:.3f}, FID {fid[-1]:.1f}, KID {kid[-1]:.4f}, "
+                  f"former paired FID {paired[-1]:.0f}",
+                  flush=True)  # fmt: skip
+        rows[samples] = {"precision": precision, "fid": fid, "kid": kid, "paired_fid": paired,
+                         "spread": {"precision": spread(precision), "fid": spread(fid), "kid": spread(kid),
+                                    "paired_fid": spread(paired)}}  # fmt: skip
+        print(f"samples {samples}: relative spread over seeds {seeds}: precision {spread(precision):.1%}, "
+              f"FID {spread(fid):.1%}, KID {spread(kid):.1%}, "
+              f"former paired FID {spread(paired):.1%}")  # fmt: skip
+    summary = {"model": args.model, "concept": args.concept, "seeds": seeds, "by_samples": rows,
+               "wall_seconds": time.perf_counter() - began}  # fmt: skip
     if args.out:
         write_json_atomic(args.out, summary)
 

@@ -1,7 +1,11 @@
 import contextlib
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Reference features are computed once per test session (subprocesses inherit the folder), not
+# written into the user's cache.
+os.environ.setdefault("UNRELEARN_CACHE", tempfile.mkdtemp(prefix="unrelearn-test-cache-"))
 
 import pytest
 import torch

@@ -109,7 +109,8 @@ def test_store_keeps_every_row_of_concurrent_writers(tmp_path):
     """Eight threads, each with its own connection, write 25 cells each at once: none is lost."""
     ResultStore(tmp_path / "results.sqlite").close()
     point = {"step": 0, "forget_rate": 0.5, "forget_rate_ci": [0.4, 0.6], "retain_alignment": 0.9,
-             "retain_alignment_ci": [0.8, 1.0], "fid": 1.0}  # fmt: skip
+             "retain_alignment_ci": [0.8, 1.0], "fid": 1.0,
+                   "precision": 0.7, "precision_ci": [0.6, 0.8], "kid": 0.1}  # fmt: skip
 
     def writer(worker: int) -> None:
         store = ResultStore(tmp_path / "results.sqlite")

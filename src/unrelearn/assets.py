@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -34,6 +35,14 @@ def model_path(spec: str) -> Path:
 def load_model(spec: str, device: str | torch.device = "cpu") -> DiffusionModel:
     """Load ``builtin:NAME`` or a model folder."""
     return DiffusionModel.load(model_path(spec), device=device)
+
+
+def cache_dir() -> Path:
+    """Where computed-once data (reference features) is kept: ``$UNRELEARN_CACHE``, else
+    ``$XDG_CACHE_HOME/unrelearn``, else ``~/.cache/unrelearn``."""
+    if folder := os.environ.get("UNRELEARN_CACHE"):
+        return Path(folder)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unrelearn"
 
 
 def detector_path(world: str) -> Path:

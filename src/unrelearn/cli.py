@@ -139,7 +139,9 @@ def evaluate(
         typer.echo(f"{model} on {concept!r} ({m['samples']} samples, seed {m['seed']})")
         typer.echo(f"  forget rate       {m['forget_rate']:.3f}  [{lo:.3f}, {hi:.3f}]")
         typer.echo(f"  retain alignment  {m['retain_alignment']:.3f}  {m['retain_attribute_accuracy']}")
-        typer.echo(f"  FID (detector)    {m['fid']:.3f}")
+        lo, hi = m["precision_ci"]
+        typer.echo(f"  precision         {m['precision']:.3f}  [{lo:.3f}, {hi:.3f}]  (retain generations on the real manifold)")
+        typer.echo(f"  KID / FID         {m['kid']:.4f} +- {m['kid_std']:.4f} / {m['fid']:.1f}  (detector features)")
 
 
 def _write_evaluation(out: Path, result: Any) -> None:
@@ -323,7 +325,7 @@ def attack_command(
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "points"}))
     for p in summary["points"]:
         lo, hi = p["forget_rate_ci"]
-        typer.echo(f"  step {p['step']:>5}: forget {p['forget_rate']:.3f} [{lo:.3f}, {hi:.3f}]  retain {p['retain_alignment']:.3f}  FID {p['fid']:.2f}")
+        typer.echo(f"  step {p['step']:>5}: forget {p['forget_rate']:.3f} [{lo:.3f}, {hi:.3f}]  retain {p['retain_alignment']:.3f}  precision {p['precision']:.3f}  FID {p['fid']:.0f}")
 
 
 @app.command("train-base")

@@ -54,6 +54,11 @@ class AttackConfig(FineTuning):
 EMBEDDED_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "batch_size": 16}
 
 
+# What each point of a durability curve keeps of an evaluation.
+CURVE_METRICS = ("forget_rate", "forget_rate_ci", "retain_alignment", "retain_alignment_ci", "precision", "precision_ci",
+                 "fid", "kid")  # fmt: skip
+
+
 def parse_eval_at(text: str | list[int], steps: int) -> list[int]:
     try:
         points = sorted({int(p) for p in (text.split(",") if isinstance(text, str) else text) if str(p).strip()})
@@ -169,7 +174,7 @@ def _attack(
             return
         result = evaluate(model, concept, eval_config, world.name, progress=False)
         m = result.metrics
-        point = {"step": step, **{k: m[k] for k in ("forget_rate", "forget_rate_ci", "retain_alignment", "retain_alignment_ci", "fid")}}
+        point = {"step": step, **{k: m[k] for k in CURVE_METRICS}}
         trainer.extra_state["curve"].append(point)
         lo, hi = m["forget_rate_ci"]
         stage(f"{description}: evaluated at step {step}/{config.steps}: forget rate {m['forget_rate']:.3f} "

@@ -102,7 +102,10 @@ class Setting:
                 "forget_rate_ci": [min(p["forget_rate"] for p in points), max(p["forget_rate"] for p in points)],
                 "retain_alignment": statistics.fmean(p["retain_alignment"] for p in points),
                 "retain_alignment_ci": [min(p["retain_alignment"] for p in points), max(p["retain_alignment"] for p in points)],
+                "precision": statistics.fmean(p["precision"] for p in points),
+                "precision_ci": [min(p["precision"] for p in points), max(p["precision"] for p in points)],
                 "fid": statistics.fmean(p["fid"] for p in points),
+                "kid": statistics.fmean(p["kid"] for p in points),
             }
             for step, points in sorted(by_step.items())
         ]
@@ -195,9 +198,15 @@ def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curve
         start = next((p for p in settings[0].cells[0].points if p["step"] == 0), None)
         if start is not None:
             rows.append([contender, _rate(start["forget_rate"], start["forget_rate_ci"]),
-                         _rate(start["retain_alignment"], start["retain_alignment_ci"]), f"{start['fid']:.1f}"])  # fmt: skip
+                         _rate(start["retain_alignment"], start["retain_alignment_ci"]),
+                         _rate(start["precision"], start["precision_ci"]), f"{start['kid']:.3f}", f"{start['fid']:.0f}"])  # fmt: skip
     blocks.append(Heading("Before the attack", 4))
-    blocks.append(Table(["contender", "forget rate [95% CI]", "retain alignment [95% CI]", "FID"], rows))
+    blocks.append(Table(["contender", "forget rate [95% CI]", "retain alignment [95% CI]", "precision [95% CI]", "KID",
+                         "FID"], rows))  # fmt: skip
+    blocks.append(Paragraph("Quality on the retain prompts, in the detector's features against 10,000 ground-truth "
+                            "renders: precision (share of generations inside the real images' k-NN manifold, the "
+                            "stable one: 1% spread over seeds on the base model), KID and FID (both move by tens of "
+                            "percent between seeds at this sample count)."))  # fmt: skip
     grids = [Figure(p, f"{concept}: original model") for p in sorted((store.path.parent / "grids").glob("reference-*.png"))
              if _reference_concept(store, p) == concept]  # fmt: skip
     for key, model in sorted(models.items(), key=lambda kv: rank(kv[1]["contender"])):
@@ -231,12 +240,13 @@ def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curve
                 [s.contender]
                 + [_rate(by_step[t]["forget_rate"], by_step[t]["forget_rate_ci"]) if t in by_step else "-" for t in steps]
                 + [", ".join(_steps(r) for r in relearn), f"{statistics.fmean(c.summary['auc'] for c in s.cells):.3f}",
-                   f"{by_step[steps[-1]]['retain_alignment']:.3f}" if steps[-1] in by_step else "-"]
+                   f"{by_step[steps[-1]]['retain_alignment']:.3f}" if steps[-1] in by_step else "-",
+                   f"{by_step[steps[-1]]['precision']:.3f}" if steps[-1] in by_step else "-"]
             )  # fmt: skip
         blocks.append(Paragraph(f"Rows: {note} after each number of attack steps; steps-to-relearn per seed; "
                                 "AUC: area under the forget-rate curve over the attack, normalised to 1."))  # fmt: skip
         blocks.append(Table(["contender", *[f"step {t}" for t in steps], "steps to relearn", "AUC",
-                             "retain alignment (last)"], rows))  # fmt: skip
+                             "retain alignment (last)", "precision (last)"], rows))  # fmt: skip
         curve = figures / f"curve-{digest([concept, attack])}.png"
         plot_curves({s.contender: s.points() for s in settings}, curve, threshold, title=f"{concept}: {attack}")
         grids = []

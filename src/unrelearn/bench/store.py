@@ -25,7 +25,7 @@ from typing import Any
 
 from unrelearn.errors import UnrelearnError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -50,7 +50,11 @@ CREATE TABLE IF NOT EXISTS points (
     retain_alignment REAL NOT NULL,
     retain_low REAL NOT NULL,
     retain_high REAL NOT NULL,
+    precision REAL NOT NULL,
+    precision_low REAL NOT NULL,
+    precision_high REAL NOT NULL,
     fid REAL NOT NULL,
+    kid REAL NOT NULL,
     PRIMARY KEY (cell, step)
 );
 CREATE TABLE IF NOT EXISTS models (
@@ -167,9 +171,9 @@ class ResultStore:
             )  # fmt: skip
             db.execute("DELETE FROM points WHERE cell = ?", (result.key,))
             db.executemany(
-                "INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(result.key, p["step"], p["forget_rate"], *p["forget_rate_ci"], p["retain_alignment"],
-                  *p["retain_alignment_ci"], p["fid"]) for p in result.points],
+                  *p["retain_alignment_ci"], p["precision"], *p["precision_ci"], p["fid"], p["kid"]) for p in result.points],
             )  # fmt: skip
             db.execute(
                 "INSERT INTO events VALUES (?, ?, ?, ?, 'finished')", (time.time(), socket.gethostname(), os.getpid(), result.key)
@@ -180,7 +184,8 @@ class ResultStore:
         for row in self._db.execute("SELECT * FROM points ORDER BY cell, step"):
             points.setdefault(row[0], []).append({
                 "step": row[1], "forget_rate": row[2], "forget_rate_ci": [row[3], row[4]],
-                "retain_alignment": row[5], "retain_alignment_ci": [row[6], row[7]], "fid": row[8],
+                "retain_alignment": row[5], "retain_alignment_ci": [row[6], row[7]], "precision": row[8],
+                "precision_ci": [row[9], row[10]], "fid": row[11], "kid": row[12],
             })  # fmt: skip
         return [
             CellResult(

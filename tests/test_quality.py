@@ -1,0 +1,62 @@
+"""The quality metrics: k-NN precision against a cached reference, FID and KID on features."""
+
+from __future__ import annotations
+
+import torch
+
+from unrelearn.assets import load_detector
+from unrelearn.evaluate import _REFERENCE_CACHE, reference_features, reference_radii
+from unrelearn.metrics import (
+    frechet_distance,
+    kernel_distance,
+    manifold_precision_flags,
+    neighbour_radii,
+)
+from unrelearn.worlds import get_world
+
+
+def test_neighbour_radii_are_the_kth_nearest_other_sample():
+    points = torch.randn(50, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    radii = neighbour_radii(points, k=3, chunk=7)
+    for i in range(50):
+        others = sorted(float((points[i] - points[j]).norm()) for j in range(50) if j != i)
+        assert abs(float(radii[i]) - others[2]) < 1e-12
+
+
+def test_precision_is_one_on_the_reference_and_zero_far_from_it():
+    generator = torch.Generator().manual_seed(1)
+    reference = torch.randn(400, 8, generator=generator, dtype=torch.float64)
+    radii = neighbour_radii(reference, k=5)
+    assert all(manifold_precision_flags(reference, radii, reference[:100]))
+    fresh = torch.randn(300, 8, generator=generator, dtype=torch.float64)
+    inside = sum(manifold_precision_flags(reference, radii, fresh)) / 300
+    assert 0.7 < inside <= 1.0  # same distribution: mostly inside the manifold
+    assert not any(manifold_precision_flags(reference, radii, fresh + 20.0))
+
+
+def test_fid_and_kid_on_features_are_zero_for_one_distribution_and_grow_with_a_shift():
+    generator = torch.Generator().manual_seed(2)
+    reference = torch.randn(4000, 4, generator=generator, dtype=torch.float64)
+    same = torch.randn(2000, 4, generator=generator, dtype=torch.float64)
+    assert frechet_distance(reference, same) < 0.02
+    assert frechet_distance(reference, same + 1.0) > 3.5  # ||mu shift||^2 = 4
+    kid, _ = kernel_distance(reference, same[:200], seed=0)
+    shifted, _ = kernel_distance(reference, same[:200] + 1.0, seed=0)
+    assert abs(kid) < 0.05 < shifted
+    assert kernel_distance(reference, same[:200], seed=3) == kernel_distance(reference, same[:200], seed=3)
+
+
+def test_reference_features_are_cached_and_a_damaged_cache_is_recomputed(monkeypatch, tmp_path):
+    monkeypatch.setenv("UNRELEARN_CACHE", str(tmp_path))
+    world, detector = get_world("shapes"), load_detector("shapes")
+    _REFERENCE_CACHE.clear()
+    first = reference_features(world, "circle", detector, count=300)
+    radii = reference_radii(world, "circle", detector, count=300)
+    (cached,) = (tmp_path / "reference-features").glob("shapes-circle-*.safetensors")
+    assert first.shape == (300, 64) and radii.shape == (300,)
+    cached.write_bytes(b"damaged")
+    _REFERENCE_CACHE.clear()
+    again = reference_features(world, "circle", detector, count=300)
+    assert torch.equal(first, again) and cached.stat().st_size > 1000
+    _REFERENCE_CACHE.clear()
+    assert torch.equal(reference_radii(world, "circle", detector, count=300), radii)  # read back from disk
