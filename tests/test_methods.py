@@ -65,17 +65,48 @@ def test_esd_target_is_negative_guidance():
 
 
 @pytest.mark.parametrize("x_t_from", ["frozen", "trained"])
-def test_esd_samples_x_t_with_the_network_it_names(tiny_model, x_t_from):
+def test_esd_samples_x_t_with_the_network_it_names(tiny_model, x_t_from, monkeypatch):
     from unrelearn.worlds import get_world
 
     cls, _ = resolve_method("esd")
     method = cls(tiny_model, get_world("shapes").concept_sets("circle"), cls.Config(batch_size=1, ddim_steps=3, x_t_from=x_t_from))
     used = []
+    batched = tiny_model.denoise_groups
+    monkeypatch.setattr(tiny_model, "denoise_groups", lambda groups, **kw: used.append(kw["unet"]) or batched(groups, **kw))
     original = method.sampled_x_t
     method.sampled_x_t = lambda prompts, generator, unet: used.append(unet) or original(prompts, generator, unet)
     method.loss(0, torch.Generator().manual_seed(0))
     assert used == [method.teacher if x_t_from == "frozen" else tiny_model.unet]
     assert method.teacher is not tiny_model.unet
+
+
+def test_denoise_groups_equals_separate_denoise_calls(tiny_model):
+    groups, expected = [], []
+    for seed, (prompts, stop) in enumerate([(["a red circle"], 3), (["a blue square", "a ring"], 1), (["a cross"], 4)]):
+        expected.append(tiny_model.denoise(prompts, steps=5, guidance=2.0, generator=torch.Generator().manual_seed(seed),
+                                           stop_after=stop))  # fmt: skip
+        noise = torch.randn(tiny_model.sample_shape(len(prompts)), generator=torch.Generator().manual_seed(seed))
+        groups.append((prompts, noise, stop))
+    for (x, t), (x_expected, t_expected) in zip(tiny_model.denoise_groups(groups, steps=5, guidance=2.0), expected):
+        assert t == t_expected and torch.allclose(x, x_expected, atol=1e-5)  # float32 rounding of other batch sizes
+
+
+def test_esd_batched_x_t_gives_the_step_by_step_weights(minilm, monkeypatch):
+    """x_t sampled X_T_BLOCK steps at a time (across a block boundary) = one step at a time."""
+    from conftest import tiny_unet
+    from diffusers import DDPMScheduler
+
+    from unrelearn.methods import esd
+    from unrelearn.model import DiffusionModel
+
+    weights = []
+    for block in (1, esd.X_T_BLOCK):
+        monkeypatch.setattr(esd, "X_T_BLOCK", block)
+        model = DiffusionModel(tiny_unet(), *minilm, DDPMScheduler(beta_schedule="squaredcos_cap_v2"), max_length=20,
+                               info={"world": "shapes"})  # fmt: skip
+        unlearn(model, "esd-u-1", "circle", overrides=FAST_ESD | {"steps": 23, "lr": 1e-2}, progress=False)
+        weights.append(model.unet.state_dict())
+    assert all(torch.allclose(weights[0][n], weights[1][n], atol=1e-7) for n in weights[0])
 
 
 def test_esd_rejects_an_unknown_x_t_source(tiny_model, tmp_path):

@@ -256,6 +256,45 @@ class DiffusionModel:
         next_t = sampler.timesteps[stop_after] if stop_after < len(sampler.timesteps) else sampler.timesteps[-1]
         return x, next_t
 
+    def denoise_groups(
+        self,
+        groups: Sequence[tuple[Sequence[str], torch.Tensor, int]],
+        *,
+        steps: int,
+        guidance: float,
+        unet: torch.nn.Module | None = None,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Several :meth:`denoise` calls in one batch: each group (prompts, initial noise drawn
+        as :meth:`denoise` draws it, ``stop_after``) gets its ``(x_t, t)``.
+
+        The groups run side by side through the DDIM steps and leave the batch at their stop, so
+        the work is that of the separate calls, done in larger (cheaper) batches.
+        """
+        sampler = self.sampler(steps)
+        active = list(range(len(groups)))
+        sizes = [len(prompts) for prompts, _, _ in groups]
+        x = torch.cat([noise for _, noise, _ in groups]).to(self.device) * sampler.init_noise_sigma
+        context = self.encode_prompts([p for prompts, _, _ in groups for p in prompts])
+        uncond = self.encode_prompts([""] * len(context))
+        results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(groups)
+        with torch.no_grad():
+            for done, t in enumerate(sampler.timesteps[: max(stop for _, _, stop in groups)], start=1):
+                x = sampler.step(self.guided_noise(x, t, context, uncond, guidance, unet), t, x, eta=0.0).prev_sample
+                keep, offset = [], 0
+                for g in active:
+                    rows = slice(offset, offset + sizes[g])
+                    if groups[g][2] == done:
+                        next_t = sampler.timesteps[done] if done < len(sampler.timesteps) else sampler.timesteps[-1]
+                        results[g] = (x[rows].clone(), next_t)
+                    else:
+                        keep.append((g, rows))
+                    offset += sizes[g]
+                if len(keep) < len(active):
+                    index = torch.cat([torch.arange(r.start, r.stop) for _, r in keep]) if keep else torch.zeros(0, dtype=torch.long)
+                    x, context, uncond = x[index], context[index], uncond[index]
+                    active = [g for g, _ in keep]
+        return results  # type: ignore[return-value]
+
     def sample(
         self,
         prompts: Sequence[str],

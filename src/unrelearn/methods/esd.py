@@ -46,6 +46,11 @@ class ESDConfig(OptimizationConfig):
     x_t_from: Literal["frozen", "trained"] = "frozen"
 
 
+# Steps whose x_t the frozen teacher samples in one batch: at batch 8 its DDIM sampling was 62%
+# of an ESD step on a 2-core CPU, and sampling 160 at once is 2.4x cheaper per sample.
+X_T_BLOCK = 20
+
+
 @register_method
 class ESD(OptimizationMethod):
     """Loss ``||eps_theta(x_t, c) - eps~||^2`` with ``x_t`` sampled by the frozen model from ``c``.
@@ -62,6 +67,10 @@ class ESD(OptimizationMethod):
     # lr 2e-4 0.31, 400 steps 0.08; sampling x_t at guidance 1.5 instead of 3: 0.36).
     embedded_defaults: ClassVar[dict] = {"steps": 400, "lr": 1e-4, "batch_size": 8, "ddim_steps": 10}
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._x_t_block: dict[int, tuple[list[str], torch.Tensor, torch.Tensor]] = {}
+
     @staticmethod
     def parse_variant(name: str) -> dict | None:
         match = re.fullmatch(r"esd-([xuf])-(\d+(?:\.\d+)?)", name)
@@ -70,11 +79,43 @@ class ESD(OptimizationMethod):
     def parameters(self) -> dict[str, torch.nn.Parameter]:
         return select_parameters(self.model.unet, self.config.scope)
 
+    def frozen_x_t(self, step: int, generator: torch.Generator) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """This step's prompts and the frozen teacher's ``x_t`` and ``t``, drawn exactly as the
+        step-by-step sampler draws them, but sampled for ``X_T_BLOCK`` steps in one batch.
+
+        Blocks are aligned to multiples of ``X_T_BLOCK`` so that a resumed run batches every step
+        as the uninterrupted run did (same batches, same rounding). ``generator`` is the
+        trainer's for this step (seeded ``base + step``); the other steps' generators are derived
+        from its seed, and it is advanced past the same draws, so wrappers that draw from it next
+        see what they would without batching.
+        """
+        first = step - step % X_T_BLOCK
+        if step not in self._x_t_block:
+            groups, prompts_by_step = [], {}
+            for s in range(first, min(first + X_T_BLOCK, self.config.steps)):
+                draws = torch.Generator().manual_seed(generator.initial_seed() - step + s)
+                prompts, stop, noise = self._x_t_draws(draws)
+                groups.append((prompts, noise, stop))
+                prompts_by_step[s] = prompts
+            results = self.model.denoise_groups(groups, steps=self.config.ddim_steps, guidance=self.config.sample_guidance,
+                                                unet=self.teacher)  # fmt: skip
+            self._x_t_block = {s: (prompts_by_step[s], *result) for s, result in zip(prompts_by_step, results)}
+        self._x_t_draws(generator)
+        return self._x_t_block.pop(step)
+
+    def _x_t_draws(self, generator: torch.Generator) -> tuple[list[str], int, torch.Tensor]:
+        """The random draws of one step's x_t, in the order :meth:`sampled_x_t` makes them."""
+        prompts = [c.text for c in self.pick(self.sets.forget, generator)]
+        stop = int(torch.randint(1, self.config.ddim_steps, (1,), generator=generator))
+        return prompts, stop, torch.randn(self.model.sample_shape(len(prompts)), generator=generator)
+
     def loss(self, step: int, generator: torch.Generator) -> torch.Tensor:
         config, model = self.config, self.model
-        prompts = [c.text for c in self.pick(self.sets.forget, generator)]
-        sampler_unet = self.teacher if config.x_t_from == "frozen" else model.unet
-        x_t, t = self.sampled_x_t(prompts, generator, sampler_unet)
+        if config.x_t_from == "frozen":
+            prompts, x_t, t = self.frozen_x_t(step, generator)
+        else:
+            prompts = [c.text for c in self.pick(self.sets.forget, generator)]
+            x_t, t = self.sampled_x_t(prompts, generator, model.unet)
         context = model.encode_prompts(prompts)
         uncond = model.encode_prompts([""] * len(prompts))
         with torch.no_grad():
