@@ -233,3 +233,40 @@ def test_bench_cli_errors_are_one_line(tmp_path):
         done = CliRunner().invoke(app, [*args, *(["--out", str(tmp_path / "o")] if args[0] == "bench" else [])])
         assert done.exit_code == 2 and done.output.count("\n") == 1 and message in done.output, done.output
     assert not (tmp_path / "o").exists()
+
+
+def test_the_report_renders_in_a_real_browser_with_its_tables_and_images(uninterrupted, tmp_path):
+    """Debian's headless Chromium (installed by `make test` where missing) loads the page: every
+    table is there and every image decodes."""
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "no Chromium: `make browser` installs Debian's package (apt-get install chromium)"
+    _, folder = uninterrupted
+    page = write_report(folder, tmp_path / "report")["html"]
+    probe = """<script>window.addEventListener("load", () => {
+      const images = [...document.images];
+      document.body.setAttribute("data-probe", JSON.stringify({
+        tables: document.querySelectorAll("table").length,
+        rows: document.querySelectorAll("tbody tr").length,
+        images: images.length,
+        decoded: images.filter(i => i.complete && i.naturalWidth > 0).length}));
+    });</script></body>"""
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.read_text().replace("</body>", probe))
+    done = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000", "--dump-dom",
+         probed.as_uri()], capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    import html as html_lib
+    import re
+
+    found = re.search(r'data-probe="([^"]+)"', done.stdout)
+    assert found, done.stdout[:2000]
+    probe_result = json.loads(html_lib.unescape(found.group(1)))
+    store = ResultStore(folder / "results.sqlite")
+    cells = store.cells()
+    store.close()
+    assert probe_result["tables"] >= 4 and probe_result["rows"] >= 2 * len(cells)
+    assert probe_result["images"] >= 7 and probe_result["decoded"] == probe_result["images"]
