@@ -326,9 +326,23 @@ def test_demo_runs_its_benchmark_and_report_and_resumes_without_recomputing(tmp_
     with pytest.raises(KeyboardInterrupt):
         demo.run_demo(tmp_path / "demo", preset=preset, progress=False)
     monkeypatch.setattr(bench_run._Runner, "run", lambda self, cell: (calls.append(cell.key), original(self, cell)))
+    from unrelearn.attacks import finetune
+
+    during_attacks = []
+    evaluate = finetune.evaluate
+    monkeypatch.setattr(finetune, "evaluate", lambda *a, **k: during_attacks.append(1) or evaluate(*a, **k))
     headline = demo.run_demo(tmp_path / "demo", preset=preset, progress=False)
-    assert len(calls) == len(set(calls)) == 3  # esd-u-1, uce, oracle: each cell ran once
+    # esd-u-1, uce, oracle x (hrm-m, dimra-aux): each cell ran once
+    assert len(calls) == len(set(calls)) == 6
     assert {r["contender"] for r in headline["rows"]} == {"esd-u-1", "uce", "oracle"}
+    # The resumed cells evaluate at their steps after 0; step 0 is each model's one evaluation
+    # before any attack, shared by its cells.
+    from unrelearn.bench.grid import expand
+
+    eval_points = {cell.key: len(cell.eval_at) - 1 for cell in expand(preset)}
+    assert len(during_attacks) == sum(eval_points[key] for key in calls[1:])
+    steps_zero = {(r["contender"], str(r["forget_rate_before_attack"])) for r in headline["rows"]}
+    assert len(steps_zero) == 3
     assert (tmp_path / "demo" / "report" / "report.html").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]
 

@@ -1,8 +1,9 @@
 """``unrelearn demo``: the whole story on the embedded default, in minutes on a laptop CPU.
 
 It runs the ``quick`` benchmark preset into ``OUT`` — the concept unlearned with ESD, with UCE
-and with UCE under its Meta-Unlearning defence, each attacked by fine-tuning on the concept,
-beside the exact-unlearning oracle under the same attack — and writes the report
+and with UCE under its Meta-Unlearning defence, each attacked by fine-tuning on the concept and
+on benign data without it, beside the exact-unlearning oracle under the same attacks — and
+writes the report
 (``OUT/report/report.html``: tables, curves, image grids before and after the attack).
 Killed, the same command resumes: the benchmark recomputes no finished cell.
 """
@@ -30,7 +31,8 @@ def demo_preset(concept: str = "circle", samples: int = 64, seed: int = 0, attac
     preset["concepts"] = [concept]
     preset["seeds"] = [seed]
     preset["eval"] = preset["eval"] | {"samples": samples, "seed": seed}
-    preset["attacks"] = [a | {"steps": attack_steps, "eval_at": sorted({0, attack_steps // 2, attack_steps})}
+    preset["attacks"] = [a | {"steps": attack_steps,
+                              "eval_at": sorted({round(p * attack_steps / a["steps"]) for p in a["eval_at"]})}
                          for a in preset["attacks"]]  # fmt: skip
     if unlearn_steps is not None:
         for contender in preset["contenders"]:

@@ -118,11 +118,14 @@ def attack(
     reference_rate: float | None = None,
     original_model: DiffusionModel | None = None,
     progress: bool = True,
+    initial_point: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` on ``config.data``; write ``out/curve.json``, ``curve.png``, ``run.json``, ``model/``.
 
     Checkpoints go to ``OUT.checkpoint`` every ``config.checkpoint_every`` steps, with the curve
-    so far; a re-run with the same settings resumes there.
+    so far; a re-run with the same settings resumes there. ``initial_point`` (the
+    ``CURVE_METRICS`` of this model under ``eval_config``, evaluated before) stands in for the
+    step-0 evaluation: a benchmark evaluates each model once, not once per attack.
     """
     out = Path(out)
     ensure_writable_parent(out)
@@ -135,13 +138,13 @@ def attack(
         raise UnrelearnError("give a relearning threshold or the base model's forget rate (reference_rate)")
     with output_lock(out):
         return _attack(model, concept, config, out, eval_at, eval_config, threshold, reference_rate, original_model,
-                       progress, world, sets)  # fmt: skip
+                       progress, world, sets, initial_point)  # fmt: skip
 
 
 def _attack(
     model: DiffusionModel, concept: str, config: AttackConfig, out: Path, eval_at: list[int], eval_config: EvalConfig,
     threshold: float | None, reference_rate: float | None, original_model: DiffusionModel | None, progress: bool,
-    world: Any, sets: Any,
+    world: Any, sets: Any, initial_point: dict[str, Any] | None,
 ) -> dict[str, Any]:  # fmt: skip
     resolution = model.unet.config.sample_size if model.vae is None else None
     data = build_attack_data(config.data, world, sets, config.data_size, config.seed, original_model, resolution)
@@ -172,8 +175,10 @@ def _attack(
         trainer.extra_state.setdefault("curve", [])
         if step not in eval_at or any(p["step"] == step for p in trainer.extra_state["curve"]):
             return
-        result = evaluate(model, concept, eval_config, world.name, progress=False)
-        m = result.metrics
+        if step == 0 and initial_point is not None:
+            m = initial_point
+        else:
+            m = evaluate(model, concept, eval_config, world.name, progress=False).metrics
         point = {"step": step, **{k: m[k] for k in CURVE_METRICS}}
         trainer.extra_state["curve"].append(point)
         lo, hi = m["forget_rate_ci"]

@@ -204,9 +204,9 @@ def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curve
     blocks.append(Table(["contender", "forget rate [95% CI]", "retain alignment [95% CI]", "precision [95% CI]", "KID",
                          "FID"], rows))  # fmt: skip
     blocks.append(Paragraph("Quality on the retain prompts, in the detector's features against 10,000 ground-truth "
-                            "renders: precision (share of generations inside the real images' k-NN manifold, the "
-                            "stable one: 1% spread over seeds on the base model), KID and FID (both move by tens of "
-                            "percent between seeds at this sample count)."))  # fmt: skip
+                            "renders: precision (share of generations inside the real images' k-NN manifold, with "
+                            "its interval; the steadiest of the three, 2-13% spread over seeds on the base model at "
+                            "64-128 samples), KID and FID (FID moves by up to 56% between seeds at 128 samples)."))  # fmt: skip
     grids = [Figure(p, f"{concept}: original model") for p in sorted((store.path.parent / "grids").glob("reference-*.png"))
              if _reference_concept(store, p) == concept]  # fmt: skip
     for key, model in sorted(models.items(), key=lambda kv: rank(kv[1]["contender"])):

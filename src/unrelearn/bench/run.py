@@ -132,9 +132,10 @@ class _Runner:
         if (folder / "curve.json").is_file():
             curve = json.loads((folder / "curve.json").read_text())
         else:
+            start = self.start(cell.contender, cell.concept, model_dir, eval_config) if 0 in cell.eval_at else None
             model = DiffusionModel.load(model_dir, device=self.device)
             curve = attack(model, cell.concept, AttackConfig(**cell.attack), folder, list(cell.eval_at), eval_config,
-                           reference_rate=reference, progress=self.progress)  # fmt: skip
+                           reference_rate=reference, progress=self.progress, initial_point=start)  # fmt: skip
         grid = self.out / "grids" / f"cell-{cell.key}.png"
         if not grid.is_file():
             attacked = DiffusionModel.load(folder / "model", device=self.device)
@@ -165,6 +166,23 @@ class _Runner:
                 found = result.metrics | {"model": self.base_model}
                 self.store.add_evaluation(key, self.base_model, concept, found)
         return float(found["forget_rate"])
+
+    def start(self, contender: Contender, concept: str, model_dir: Path, eval_config: Any) -> dict[str, Any]:
+        """The model's evaluation before any attack, computed once and shared by all its cells."""
+        from unrelearn.attacks.finetune import CURVE_METRICS
+        from unrelearn.evaluate import evaluate
+        from unrelearn.model import DiffusionModel
+
+        key = digest({"model": contender.key(concept), "concept": concept, "eval": eval_config.__dict__})
+        with output_lock(self.out / "references" / key, wait=True):
+            found = self.store.evaluation(key)
+            if found is None:
+                stage(f"evaluating {contender.label} before any attack", self.progress)
+                metrics = evaluate(DiffusionModel.load(model_dir, device=self.device), concept, eval_config,
+                                   progress=False).metrics  # fmt: skip
+                found = {k: metrics[k] for k in CURVE_METRICS} | {"model": contender.label, "concept": concept}
+                self.store.add_evaluation(key, contender.label, concept, found)
+        return found
 
     def model(self, contender: Contender, concept: str, eval_config: Any) -> Path:
         """The model this contender attacks: unlearned once into ``models/KEY``, reused by every cell."""
