@@ -25,7 +25,7 @@ def fake_evaluate(monkeypatch):
         calls.append(concept)
         metrics = {"forget_rate": 0.1 * len(calls), "forget_rate_ci": [0.0, 1.0], "retain_alignment": 0.9,
                    "retain_alignment_ci": [0.8, 1.0], "fid": 1.0,
-                   "precision": 0.7, "precision_ci": [0.6, 0.8], "kid": 0.1}  # fmt: skip
+                   "precision": 0.7, "precision_ci": [0.6, 0.8], "kid": 0.1, "kid_std": 0.01}  # fmt: skip
         return SimpleNamespace(metrics=metrics)
 
     monkeypatch.setattr("unrelearn.attacks.finetune.evaluate", fake)
@@ -162,7 +162,7 @@ def test_resumed_attack_gives_the_weights_of_an_uninterrupted_run(minilm, tmp_pa
         if calls["n"] == calls["interrupt_at"]:
             raise KeyboardInterrupt
         m = {"forget_rate": 0.5, "forget_rate_ci": [0, 1], "retain_alignment": 1, "retain_alignment_ci": [0, 1], "fid": 0,
-             "precision": 1, "precision_ci": [0, 1], "kid": 0}
+             "precision": 1, "precision_ci": [0, 1], "kid": 0, "kid_std": 0}
         return SimpleNamespace(metrics=m)
 
     monkeypatch.setattr("unrelearn.attacks.finetune.evaluate", fake)

@@ -16,6 +16,7 @@ import pytest
 
 from unrelearn.bench.grid import expand, load_preset, parse_shard, preset_names, shard
 from unrelearn.bench.report import write_report
+from unrelearn.bench.run import durability_summary
 from unrelearn.bench.store import CellResult, ResultStore
 from unrelearn.errors import UnrelearnError
 
@@ -110,7 +111,7 @@ def test_store_keeps_every_row_of_concurrent_writers(tmp_path):
     ResultStore(tmp_path / "results.sqlite").close()
     point = {"step": 0, "forget_rate": 0.5, "forget_rate_ci": [0.4, 0.6], "retain_alignment": 0.9,
              "retain_alignment_ci": [0.8, 1.0], "fid": 1.0,
-                   "precision": 0.7, "precision_ci": [0.6, 0.8], "kid": 0.1}  # fmt: skip
+                   "precision": 0.7, "precision_ci": [0.6, 0.8], "kid": 0.1, "kid_std": 0.01}  # fmt: skip
 
     def writer(worker: int) -> None:
         store = ResultStore(tmp_path / "results.sqlite")
@@ -270,3 +271,34 @@ def test_the_report_renders_in_a_real_browser_with_its_tables_and_images(uninter
     store.close()
     assert probe_result["tables"] >= 4 and probe_result["rows"] >= 2 * len(cells)
     assert probe_result["images"] >= 7 and probe_result["decoded"] == probe_result["images"]
+
+
+def test_the_report_averages_seeds_and_shows_their_range_and_the_worst_case(tmp_path):
+    """A store filled by hand: two seeds of one setting and a second setting; the report's numbers
+    follow from them (mean over seeds with the seeds' range; worst case over settings and seeds)."""
+
+    def point(step, rate):
+        return {"step": step, "forget_rate": rate, "forget_rate_ci": [rate - 0.1, rate + 0.1], "retain_alignment": 0.9,
+                "retain_alignment_ci": [0.8, 1.0], "precision": 0.7, "precision_ci": [0.6, 0.8], "fid": 100.0,
+                "kid": 0.01, "kid_std": 0.005}  # fmt: skip
+
+    store = ResultStore(tmp_path / "results.sqlite")
+    cells = []
+    for key, attack, seed, rates, oracle in [
+        ("a0", "hrm-m lr=1e-4", 0, (0.1, 0.5), False), ("a1", "hrm-m lr=1e-4", 1, (0.1, 0.7), False),
+        ("b0", "hrm-m lr=1e-3", 0, (0.1, 0.9), False), ("o0", "hrm-m lr=1e-4", 0, (0.0, 0.2), True),
+    ]:  # fmt: skip
+        points = [point(0, rates[0]), point(100, rates[1])]
+        summary = durability_summary(points, threshold=0.45) | {"reference_forget_rate": 0.9}
+        label = "oracle" if oracle else "esd"
+        store.add_cell(CellResult(key, "circle", label, attack, seed, {"oracle": oracle}, summary, points, 1.0, "h"))
+        cells.append(key)
+    store.set_meta("preset:hand", {"preset": {"contenders": [{"label": "esd"}]}, "cells": cells, "command": "by hand"})
+    store.close()
+    markdown = write_report(tmp_path)["markdown"].read_text()
+    assert "| esd | 0.600 [0.500, 0.700] |" in markdown.replace("0.100 [0.100, 0.100] | ", "")  # seeds 0.5, 0.7
+    assert "forget rate, mean over seeds [0, 1] [range of the seeds]" in markdown
+    assert "| esd | 0.900 [0.800, 1.000] | hrm-m lr=1e-3, seed 0, step 100 | 0/3 | 100 |" in markdown
+    assert "| oracle | 0.200 [0.100, 0.300] | hrm-m lr=1e-4, seed 0, step 100 | 1/1 | never |" in markdown
+    # AUC of 0.1 -> 0.5 and 0.1 -> 0.7 (trapezoids over 100 steps), averaged: (0.3 + 0.4) / 2
+    assert "| 100, 100 | 0.350 |" in markdown

@@ -372,7 +372,7 @@ def quiet_evaluate(monkeypatch):
     def fake(model, concept, config, world_name=None, detector=None, progress=True):
         metrics = {"forget_rate": 0.5, "forget_rate_ci": [0.25, 0.75], "retain_alignment": 0.9,
                    "retain_alignment_ci": [0.8, 1.0], "fid": 1.0,
-                   "precision": 0.7, "precision_ci": [0.6, 0.8], "kid": 0.1}  # fmt: skip
+                   "precision": 0.7, "precision_ci": [0.6, 0.8], "kid": 0.1, "kid_std": 0.01}  # fmt: skip
         return SimpleNamespace(metrics=metrics)
 
     monkeypatch.setattr("unrelearn.attacks.finetune.evaluate", fake)

@@ -398,7 +398,7 @@ def concepts(
 @app.command()
 @_friendly
 def bench(
-    preset: str = typer.Option("quick", help="a built-in preset (quick, table1, durability, resalign, dimra, adaptive) or a .json file"),
+    preset: str = typer.Option("quick", help="a built-in preset (the README lists them; a wrong name lists them too) or a .json file"),
     out: Path = typer.Option(..., help="benchmark folder: results.sqlite, models, attack curves, grids"),
     shard: str | None = typer.Option(None, help="i/n: run only the i-th of n disjoint parts (e.g. $SLURM_ARRAY_TASK_ID/8)"),
     oracle: list[str] = typer.Option([], help="CONCEPT=MODEL: the exact-unlearning oracle of a concept; repeatable"),

@@ -25,7 +25,7 @@ from typing import Any
 
 from unrelearn.errors import UnrelearnError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS points (
     precision_high REAL NOT NULL,
     fid REAL NOT NULL,
     kid REAL NOT NULL,
+    kid_std REAL NOT NULL,
     PRIMARY KEY (cell, step)
 );
 CREATE TABLE IF NOT EXISTS models (
@@ -171,9 +172,9 @@ class ResultStore:
             )  # fmt: skip
             db.execute("DELETE FROM points WHERE cell = ?", (result.key,))
             db.executemany(
-                "INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(result.key, p["step"], p["forget_rate"], *p["forget_rate_ci"], p["retain_alignment"],
-                  *p["retain_alignment_ci"], p["precision"], *p["precision_ci"], p["fid"], p["kid"]) for p in result.points],
+                  *p["retain_alignment_ci"], p["precision"], *p["precision_ci"], p["fid"], p["kid"], p["kid_std"]) for p in result.points],
             )  # fmt: skip
             db.execute(
                 "INSERT INTO events VALUES (?, ?, ?, ?, 'finished')", (time.time(), socket.gethostname(), os.getpid(), result.key)
@@ -185,7 +186,7 @@ class ResultStore:
             points.setdefault(row[0], []).append({
                 "step": row[1], "forget_rate": row[2], "forget_rate_ci": [row[3], row[4]],
                 "retain_alignment": row[5], "retain_alignment_ci": [row[6], row[7]], "precision": row[8],
-                "precision_ci": [row[9], row[10]], "fid": row[11], "kid": row[12],
+                "precision_ci": [row[9], row[10]], "fid": row[11], "kid": row[12], "kid_std": row[13],
             })  # fmt: skip
         return [
             CellResult(
