@@ -60,3 +60,16 @@ def test_reference_features_are_cached_and_a_damaged_cache_is_recomputed(monkeyp
     assert torch.equal(first, again) and cached.stat().st_size > 1000
     _REFERENCE_CACHE.clear()
     assert torch.equal(reference_radii(world, "circle", detector, count=300), radii)  # read back from disk
+
+
+def test_more_quality_samples_change_only_the_quality_metrics(tiny_model):
+    """Extra retain generations (seed + 3) feed precision, FID and KID; forget rate and retain
+    alignment stay those of the first ``samples``."""
+    from unrelearn.evaluate import EvalConfig, evaluate
+
+    plain = evaluate(tiny_model, "circle", EvalConfig(samples=4, steps=2), progress=False).metrics
+    more = evaluate(tiny_model, "circle", EvalConfig(samples=4, steps=2, quality_samples=10), progress=False).metrics
+    assert (plain["quality_samples"], more["quality_samples"]) == (4, 10)
+    for key in ("forget_rate", "forget_rate_ci", "retain_alignment", "retain_alignment_ci"):
+        assert plain[key] == more[key], key
+    assert plain["fid"] != more["fid"]

@@ -107,6 +107,7 @@ def evaluate(
     model: str = typer.Argument(..., help="a model folder, or builtin:NAME (e.g. builtin:shapes)"),
     concept: str = typer.Option(..., "--concept", "-c", help="the forget concept, e.g. circle"),
     samples: int = typer.Option(128, help="generations per prompt set"),
+    quality_samples: int | None = typer.Option(None, help="retain generations for precision, FID and KID (default: --samples)"),
     seed: int = typer.Option(0),
     steps: int = typer.Option(25, help="DDIM sampling steps"),
     guidance: float | None = typer.Option(None, help="classifier-free guidance scale (default: the model's own)"),
@@ -121,7 +122,7 @@ def evaluate(
     from unrelearn.evaluate import evaluate as run_evaluation
     from unrelearn.io import ensure_writable_parent
 
-    config = EvalConfig(samples=samples, seed=seed, steps=steps, guidance=guidance)
+    config = EvalConfig(samples=samples, seed=seed, steps=steps, guidance=guidance, quality_samples=quality_samples)
     if out is not None:
         ensure_writable_parent(out)
     world_name, _ = _world_of(model, world)
@@ -278,6 +279,7 @@ def attack_command(
     lora_targets: str = typer.Option("to_k,to_q,to_v,to_out.0", help="comma-separated module names for LoRA"),
     eval_at: str = typer.Option("0,50,100,200,300", help="steps at which to evaluate (0 = before the attack)"),
     samples: int = typer.Option(64, help="generations per evaluation"),
+    quality_samples: int | None = typer.Option(None, help="retain generations for precision, FID, KID (default: --samples)"),
     seed: int = typer.Option(0),
     threshold: float | None = typer.Option(None, help="forget rate that counts as relearned (default: half the reference's)"),
     reference: str | None = typer.Option(None, help="model whose forget rate sets the threshold (default builtin:WORLD)"),
@@ -296,7 +298,7 @@ def attack_command(
     from unrelearn.evaluate import evaluate as run_evaluation
     from unrelearn.io import ensure_writable_parent
 
-    eval_config = EvalConfig(samples=samples, seed=seed)
+    eval_config = EvalConfig(samples=samples, seed=seed, quality_samples=quality_samples)
     world_name, info = _world_of(model, None, missing="this model names no world; attacks need a world's prompt sets")
     concept = concept or (info.get("unlearned") or {}).get("concept")
     if concept is None:

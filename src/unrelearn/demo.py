@@ -30,7 +30,7 @@ def demo_preset(concept: str = "circle", samples: int = 64, seed: int = 0, attac
     preset = load_preset("quick")
     preset["concepts"] = [concept]
     preset["seeds"] = [seed]
-    preset["eval"] = preset["eval"] | {"samples": samples, "seed": seed}
+    preset["eval"] = preset["eval"] | {"samples": samples, "quality_samples": samples, "seed": seed}
     preset["attacks"] = [a | {"steps": attack_steps,
                               "eval_at": sorted({round(p * attack_steps / a["steps"]) for p in a["eval_at"]})}
                          for a in preset["attacks"]]  # fmt: skip

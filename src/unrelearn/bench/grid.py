@@ -34,7 +34,7 @@ from unrelearn.errors import UnrelearnError
 PRESETS = Path(__file__).parent / "presets"
 _PRESET_KEYS = {"description", "model", "concepts", "oracle", "contenders", "attacks", "seeds", "eval"}
 _CONTENDER_KEYS = {"label", "model", "method", "options"}
-_EVAL_KEYS = {"samples", "seed", "steps"}
+_EVAL_KEYS = {"samples", "seed", "steps", "quality_samples"}
 # Attack fields that are lists by type: a list of them is an axis, a plain list is one value.
 _LIST_FIELDS = {"lora_targets", "eval_at"}
 

@@ -208,7 +208,7 @@ def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curve
     blocks.append(Paragraph("Quality on the retain prompts, in the detector's features against 10,000 ground-truth "
                             "renders: precision (share of generations inside the real images' k-NN manifold, with "
                             "its interval; the steadiest of the three, 2-13% spread over seeds on the base model at "
-                            "64-128 samples), KID and FID (FID moves by up to 56% between seeds at 128 samples)."))  # fmt: skip
+                            "64-512 samples), KID and FID (FID moves by up to 58% between seeds, at 128 and at 512 samples)."))  # fmt: skip
     grids = [Figure(p, f"{concept}: original model") for p in sorted((store.path.parent / "grids").glob("reference-*.png"))
              if _reference_concept(store, p) == concept]  # fmt: skip
     for key, model in sorted(models.items(), key=lambda kv: rank(kv[1]["contender"])):
