@@ -84,9 +84,9 @@ def retain_generations(
 # prompts, computed once per world, concept and detector and cached.
 REFERENCE_IMAGES = 10_000
 REFERENCE_SEED = 20_251_125
-# k of the k-NN radii that define the reference manifold for precision. At 128 samples the base
-# model's precision moved by 1.0% over seeds 0-2 with k = 5 and by 10% with k = 3 (the paper's);
-# `python benchmarks/fid_noise.py`.
+# k of the k-NN radii that define the reference manifold for precision (the paper uses 3; a
+# first look with 5,000 references gave 1-2% spread over seeds with k = 5 against 10% with k = 3,
+# the 10,000-reference runs of `python benchmarks/fid_noise.py` then 2-13% with k = 5: README).
 PRECISION_K = 5
 _REFERENCE_CACHE: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -109,11 +109,11 @@ def _reference(world: World, concept: str, detector: ConceptDetector, count: int
     from safetensors.torch import load_file, save_file
 
     from unrelearn.assets import cache_dir
-    from unrelearn.metrics import detector_features
+    from unrelearn.training import parameter_digest
 
     retain = world.concept_sets(concept).retain
     key = hashlib.sha256(json.dumps({
-        "world": world.name, "prompts": _digest([c.text for c in retain]), "detector": _module_digest(detector),
+        "world": world.name, "prompts": _digest([c.text for c in retain]), "detector": parameter_digest(detector),
         "count": count, "seed": REFERENCE_SEED, "k": PRECISION_K, "version": 1,
     }, sort_keys=True).encode()).hexdigest()[:24]  # fmt: skip
     if key in _REFERENCE_CACHE:
@@ -143,14 +143,6 @@ def _reference(world: World, concept: str, detector: ConceptDetector, count: int
             pass  # a read-only cache only costs the recomputation next time
     _REFERENCE_CACHE[key] = found
     return found
-
-
-def _module_digest(module: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _digest(texts: list[str]) -> str:

@@ -165,8 +165,6 @@ def merge_json_rows(path: str | Path, ours: dict[str, list[dict]], keys: dict[st
     the same key fields, so several processes filling one table lose none of each other's rows.
     ``extra`` entries (command, versions) are overwritten.
     """
-    import fcntl
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.lock"), "a+") as lock:

@@ -89,8 +89,8 @@ def run_bench(
         store.set_meta(f"environment:{socket.gethostname()}", {"hardware": _hardware(device), "versions": library_versions()})
         done = store.finished_keys()
         todo = [c for c in mine if c.key not in done]
-        stage(f"bench {preset['name']}: {len(cells)} cells, {len(cells) - len([c for c in cells if c.key not in done])} "
-              f"finished before; this shard ({index + 1}/{count}) runs {len(todo)}", progress)  # fmt: skip
+        stage(f"bench {preset['name']}: {len(cells)} cells, {sum(c.key in done for c in cells)} finished before; "
+              f"this shard ({index + 1}/{count}) runs {len(todo)}", progress)  # fmt: skip
         runner = _Runner(store, out, preset.get("model", "builtin:shapes"), device, keep_models, progress)
         computed, busy = 0, []
         for number, cell in enumerate(todo, 1):
@@ -149,23 +149,32 @@ class _Runner:
         if not self.keep_models:
             shutil.rmtree(folder / "model", ignore_errors=True)
 
+    def _evaluated_once(self, key: str, label: str, concept: str, compute) -> dict[str, Any]:
+        """An evaluation stored under ``key``: computed by the first process that needs it (the
+        others wait for it under a lock) and read from the store ever after."""
+        with output_lock(self.out / "references" / key, wait=True):
+            found = self.store.evaluation(key)
+            if found is None:
+                found = compute()
+                self.store.add_evaluation(key, label, concept, found)
+        return found
+
     def reference(self, concept: str, eval_config: Any) -> float:
         """The forget rate of the world's model before unlearning (the relearn threshold is half of it)."""
         from unrelearn.assets import load_model
         from unrelearn.evaluate import evaluate
 
         key = digest({"model": self.base_model, "concept": concept, "eval": eval_config.__dict__})
-        with output_lock(self.out / "references" / key, wait=True):
-            found = self.store.evaluation(key)
-            if found is None:
-                stage(f"evaluating {self.base_model} on {concept!r} (the reference forget rate)", self.progress)
-                model = load_model(self.base_model, device=self.device)
-                result = evaluate(model, concept, eval_config, progress=False)
-                _flagged_grid(model, concept, eval_config, self.out / "grids" / f"reference-{key}.png",
-                              f"{self.base_model} before unlearning")  # fmt: skip
-                found = result.metrics | {"model": self.base_model}
-                self.store.add_evaluation(key, self.base_model, concept, found)
-        return float(found["forget_rate"])
+
+        def compute() -> dict[str, Any]:
+            stage(f"evaluating {self.base_model} on {concept!r} (the reference forget rate)", self.progress)
+            model = load_model(self.base_model, device=self.device)
+            metrics = evaluate(model, concept, eval_config, progress=False).metrics
+            _flagged_grid(model, concept, eval_config, self.out / "grids" / f"reference-{key}.png",
+                          f"{self.base_model} before unlearning")  # fmt: skip
+            return metrics | {"model": self.base_model}
+
+        return float(self._evaluated_once(key, self.base_model, concept, compute)["forget_rate"])
 
     def start(self, contender: Contender, concept: str, model_dir: Path, eval_config: Any) -> dict[str, Any]:
         """The model's evaluation before any attack, computed once and shared by all its cells."""
@@ -173,16 +182,14 @@ class _Runner:
         from unrelearn.evaluate import evaluate
         from unrelearn.model import DiffusionModel
 
+        def compute() -> dict[str, Any]:
+            stage(f"evaluating {contender.label} before any attack", self.progress)
+            model = DiffusionModel.load(model_dir, device=self.device)
+            metrics = evaluate(model, concept, eval_config, progress=False).metrics
+            return {k: metrics[k] for k in CURVE_METRICS} | {"model": contender.label, "concept": concept}
+
         key = digest({"model": contender.key(concept), "concept": concept, "eval": eval_config.__dict__})
-        with output_lock(self.out / "references" / key, wait=True):
-            found = self.store.evaluation(key)
-            if found is None:
-                stage(f"evaluating {contender.label} before any attack", self.progress)
-                metrics = evaluate(DiffusionModel.load(model_dir, device=self.device), concept, eval_config,
-                                   progress=False).metrics  # fmt: skip
-                found = {k: metrics[k] for k in CURVE_METRICS} | {"model": contender.label, "concept": concept}
-                self.store.add_evaluation(key, contender.label, concept, found)
-        return found
+        return self._evaluated_once(key, contender.label, concept, compute)
 
     def model(self, contender: Contender, concept: str, eval_config: Any) -> Path:
         """The model this contender attacks: unlearned once into ``models/KEY``, reused by every cell."""
