@@ -183,7 +183,7 @@ def demo(
     for row in headline["rows"]:
         (before, _), (after, (lo, hi)) = row["forget_rate_before_attack"], row["forget_rate_after_attack"]
         relearn = "never" if row["steps_to_relearn"] is None else f"after {row['steps_to_relearn']} steps"
-        name = row["contender"] + (" (oracle)" if row["oracle"] else "")
+        name = row["contender"] + (" (oracle)" if row["oracle"] and row["contender"] != "oracle" else "")
         typer.echo(f"{name:18s} forget rate {before:.3f} -> {after:.3f} [{lo:.3f}, {hi:.3f}] under {row['attack']}; "
                    f"relearned {relearn}")  # fmt: skip
     typer.echo(f"report: {headline['report']} (Markdown: {headline['markdown']})")
