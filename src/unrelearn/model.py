@@ -9,9 +9,19 @@ Folder layout (diffusers style, safetensors only)::
 
     model_index.json            diffusers' index plus an "unrelearn" entry (world, max_length, ...)
     unet/                       config.json + diffusion_pytorch_model.safetensors
-    scheduler/                  scheduler_config.json
+    scheduler/                  scheduler_config.json (saved under the class it was loaded with)
     text_encoder/, tokenizer/   a transformers model, or a reference to a packaged encoder
+    text_encoder_2/, tokenizer_2/   SDXL's second (projection) CLIP encoder
     vae/                        optional
+
+SDXL conditions its UNet on more than token embeddings: the pooled embedding of its second
+encoder and six "time ids" (original size, crop, target size). So that every method, attack
+and defence keeps handling the conditioning as one tensor (concatenated, indexed, chunked for
+guidance, passed through ``functional_call``), an SDXL context is *packed*: the token
+embeddings ``(B, L, D)`` plus one extra row holding the pooled embedding (zero-padded to ``D``),
+``(B, L + 1, D)``. :meth:`DiffusionModel.predict_noise` unpacks it and computes the time ids
+from the sample's size, as ``StableDiffusionXLPipeline`` does by default; code that needs the
+token rows themselves (UCE's closed form) reads :meth:`DiffusionModel.token_embeddings`.
 """
 
 from __future__ import annotations
@@ -63,10 +73,24 @@ class DiffusionModel:
         *,
         max_length: int | None = None,
         info: dict[str, Any] | None = None,
+        text_encoder_2: torch.nn.Module | None = None,
+        tokenizer_2: Any = None,
     ) -> None:
         self.unet = unet
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
+        self.text_encoder_2 = text_encoder_2.eval().requires_grad_(False) if text_encoder_2 is not None else None
+        self.tokenizer_2 = tokenizer_2
+        if (text_encoder_2 is None) != (unet.config.addition_embed_type != "text_time"):
+            raise UnrelearnError(
+                "an SDXL UNet (addition_embed_type 'text_time') needs the second text encoder and tokenizer, and only it "
+                "takes them; the model folder's text_encoder_2/ and unet/ do not match"
+            )
+        if self.pooled_dim is not None and self.pooled_dim > unet.config.cross_attention_dim:
+            raise UnrelearnError(
+                f"the pooled embedding ({self.pooled_dim}) is wider than the UNet's context ({unet.config.cross_attention_dim}); "
+                "unrelearn packs it as one context row and cannot"
+            )
         self.scheduler = scheduler
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
         self.max_length = max_length or tokenizer.model_max_length
@@ -96,9 +120,22 @@ class DiffusionModel:
     def num_train_timesteps(self) -> int:
         return int(self.scheduler.config.num_train_timesteps)
 
+    @property
+    def pooled_dim(self) -> int | None:
+        """Width of SDXL's pooled text embedding (the last row of a packed context); None otherwise."""
+        if self.text_encoder_2 is None:
+            return None
+        return int(self.text_encoder_2.config.projection_dim)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
     def to(self, device: torch.device | str) -> DiffusionModel:
         self.unet.to(device)
         self.text_encoder.to(device)
+        if self.text_encoder_2 is not None:
+            self.text_encoder_2.to(device)
         if self.vae is not None:
             self.vae.to(device)
         self._prompt_cache.clear()
@@ -110,20 +147,12 @@ class DiffusionModel:
         """Token embeddings (B, L, D) of the frozen text encoder, the UNet's cross-attention context."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
-            tokens = self.tokenizer(
-                list(missing), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
-            )
-            kwargs = {"input_ids": tokens.input_ids.to(self.device)}
-            # Stable Diffusion's CLIP encoders are run without a mask (their padding is part of
-            # the conditioning); BERT-style encoders need it.
-            if "CLIPText" not in type(self.text_encoder).__name__ and "attention_mask" in tokens:
-                kwargs["attention_mask"] = tokens.attention_mask.to(self.device)
             # With every attention backend allowed, whatever the caller restricted: a prompt first
             # met inside differentiable_attention() would otherwise be cached with the math
             # kernel's rounding, and results would depend on where a run met it first (a
             # resumed ResAlign run did).
             with _default_attention():
-                hidden = self.text_encoder(**kwargs).last_hidden_state
+                hidden = self._encode(list(missing)) if self.text_encoder_2 is None else self._encode_sdxl(list(missing))
             for prompt, embedding in zip(missing, hidden):
                 self._prompt_cache[prompt] = embedding
         for prompt in prompts:
@@ -132,6 +161,56 @@ class DiffusionModel:
         while len(self._prompt_cache) > _PROMPT_CACHE_SIZE:
             self._prompt_cache.popitem(last=False)
         return result
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt")
+        kwargs = {"input_ids": tokens.input_ids.to(self.device)}
+        # Stable Diffusion's CLIP encoders are run without a mask (their padding is part of
+        # the conditioning); BERT-style encoders need it.
+        if "CLIPText" not in type(self.text_encoder).__name__ and "attention_mask" in tokens:
+            kwargs["attention_mask"] = tokens.attention_mask.to(self.device)
+        return self.text_encoder(**kwargs).last_hidden_state
+
+    def _encode_sdxl(self, prompts: list[str]) -> torch.Tensor:
+        """``StableDiffusionXLPipeline.encode_prompt``: both encoders' penultimate hidden states side by
+        side, the second's projected pooled output in the packed row; the empty prompt (the
+        unconditional side of guidance) is all zeros where the folder says
+        ``force_zeros_for_empty_prompt`` (SDXL base does)."""
+        rows, pooled = [], None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+            output = encoder(ids.to(self.device), output_hidden_states=True)
+            rows.append(output.hidden_states[-2])
+            if output[0].ndim == 2:
+                pooled = output[0]
+        hidden = torch.cat(rows, dim=-1)
+        if pooled is None:
+            raise UnrelearnError(
+                f"SDXL's second text encoder must return a pooled projection (CLIPTextModelWithProjection), "
+                f"not {type(self.text_encoder_2).__name__}; the folder's text_encoder_2/ holds another model"
+            )
+        packed_row = torch.nn.functional.pad(pooled, (0, hidden.shape[-1] - pooled.shape[-1]))
+        packed = torch.cat([hidden, packed_row[:, None]], dim=1)
+        if self.info.get("diffusers_index", {}).get("force_zeros_for_empty_prompt", True):
+            empty = torch.tensor([p == "" for p in prompts], device=packed.device)
+            packed = torch.where(empty[:, None, None], torch.zeros_like(packed), packed)
+        return packed
+
+    def token_embeddings(self, context: torch.Tensor) -> torch.Tensor:
+        """The rows of a context the UNet's cross-attention reads (an SDXL context without its
+        packed pooled row)."""
+        return context[:, :-1] if self.pooled_dim is not None else context
+
+    def _unet_kwargs(self, x_t: torch.Tensor, context: torch.Tensor) -> dict[str, Any]:
+        if self.pooled_dim is None:
+            return {"encoder_hidden_states": context}
+        height, width = (size * self.vae_scale_factor for size in x_t.shape[-2:])
+        # (original size, crop top-left, target size): the pipeline's defaults for an uncropped image.
+        time_ids = torch.tensor([height, width, 0, 0, height, width], dtype=context.dtype, device=context.device)
+        return {
+            "encoder_hidden_states": context[:, :-1],
+            "added_cond_kwargs": {"text_embeds": context[:, -1, : self.pooled_dim], "time_ids": time_ids.expand(len(context), 6)},
+        }
 
     # ------------------------------------------------------------------ spaces
     @torch.no_grad()
@@ -169,9 +248,10 @@ class DiffusionModel:
         graph back to ``theta`` kept.
         """
         network = unet or self.unet
+        kwargs = self._unet_kwargs(x_t, context)
         if params is None:
-            return network(x_t, t, encoder_hidden_states=context).sample
-        return torch.func.functional_call(network, dict(params), (x_t, t), {"encoder_hidden_states": context}).sample
+            return network(x_t, t, **kwargs).sample
+        return torch.func.functional_call(network, dict(params), (x_t, t), kwargs).sample
 
     def diffusion_loss(
         self,
@@ -339,7 +419,12 @@ class DiffusionModel:
             self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
             index["unet"] = ["diffusers", type(self.unet).__name__]
             self.scheduler.save_pretrained(tmp / "scheduler")
-            index["scheduler"] = ["diffusers", type(self.scheduler).__name__]
+            # Training reads the noise schedule only (as a DDPMScheduler); a pipeline that loads
+            # the saved folder must sample with the scheduler the original folder named.
+            scheduler_class = (index.get("scheduler") or [None, None])[1] or type(self.scheduler).__name__
+            scheduler_config = tmp / "scheduler" / "scheduler_config.json"
+            scheduler_config.write_text(json.dumps(json.loads(scheduler_config.read_text()) | {"_class_name": scheduler_class}, indent=2, sort_keys=True))
+            index["scheduler"] = ["diffusers", scheduler_class]
             packaged = self.info.get("text_encoder_package")
             if packaged:
                 index["text_encoder"] = [None, None]
@@ -349,6 +434,11 @@ class DiffusionModel:
                 self.tokenizer.save_pretrained(tmp / "tokenizer")
                 index["text_encoder"] = ["transformers", type(self.text_encoder).__name__]
                 index["tokenizer"] = ["transformers", type(self.tokenizer).__name__]
+            if self.text_encoder_2 is not None:
+                self.text_encoder_2.save_pretrained(tmp / "text_encoder_2", safe_serialization=True)
+                self.tokenizer_2.save_pretrained(tmp / "tokenizer_2")
+                index["text_encoder_2"] = ["transformers", type(self.text_encoder_2).__name__]
+                index["tokenizer_2"] = ["transformers", type(self.tokenizer_2).__name__]
             if self.vae is not None:
                 self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
                 index["vae"] = ["diffusers", type(self.vae).__name__]
@@ -386,6 +476,11 @@ class DiffusionModel:
                 missing.append("text_encoder/")
             if not (folder / "tokenizer").is_dir():
                 missing.append("tokenizer/")
+        if index.get("text_encoder_2") and index["text_encoder_2"][0] is not None:
+            if not (folder / "text_encoder_2" / "config.json").is_file():
+                missing.append("text_encoder_2/")
+            if not (folder / "tokenizer_2").is_dir():
+                missing.append("tokenizer_2/")
         if index.get("vae") and index["vae"][0] is not None and not (folder / "vae" / "config.json").is_file():
             missing.append("vae/")
         if missing:
@@ -399,23 +494,34 @@ class DiffusionModel:
         if packaged:
             text_encoder, tokenizer = load_packaged_text_encoder(packaged)
         else:
-            import transformers
-
-            encoder_name = (index.get("text_encoder") or [None, "AutoModel"])[1] or "AutoModel"
-            encoder_class = getattr(transformers, encoder_name, None)
-            if encoder_class is None:
-                raise UnrelearnError(f"{str(folder / 'model_index.json')!r} names text encoder class {encoder_name!r}, which transformers does not have")
-            text_encoder = _load_component(
-                folder / "text_encoder", lambda: encoder_class.from_pretrained(folder / "text_encoder", use_safetensors=True)
-            )
-            tokenizer = _load_component(folder / "tokenizer", lambda: transformers.AutoTokenizer.from_pretrained(folder / "tokenizer"))
+            text_encoder, tokenizer = _load_text_encoder(folder, index, "")
+        text_encoder_2 = tokenizer_2 = None
+        if (folder / "text_encoder_2" / "config.json").is_file():
+            text_encoder_2, tokenizer_2 = _load_text_encoder(folder, index, "_2")
         vae = None
         if (folder / "vae" / "config.json").is_file():
             vae = _load_component(folder / "vae", lambda: AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True))
         info = {k: v for k, v in extra.items() if k != "max_length"}
         info["diffusers_index"] = {k: v for k, v in index.items() if not k.startswith("_") or k == "_class_name"}
-        model = cls(unet, text_encoder, tokenizer, scheduler, vae, max_length=extra.get("max_length"), info=info)
+        model = cls(
+            unet, text_encoder, tokenizer, scheduler, vae, max_length=extra.get("max_length"), info=info,
+            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        )  # fmt: skip
         return model.to(device)
+
+
+def _load_text_encoder(folder: Path, index: dict[str, Any], suffix: str) -> tuple[torch.nn.Module, Any]:
+    """``text_encoder{suffix}/`` and ``tokenizer{suffix}/`` of a folder, by the classes its index names."""
+    import transformers
+
+    encoder_name = (index.get(f"text_encoder{suffix}") or [None, "AutoModel"])[1] or "AutoModel"
+    encoder_class = getattr(transformers, encoder_name, None)
+    if encoder_class is None:
+        raise UnrelearnError(f"{str(folder / 'model_index.json')!r} names text encoder class {encoder_name!r}, which transformers does not have")
+    encoder_folder, tokenizer_folder = folder / f"text_encoder{suffix}", folder / f"tokenizer{suffix}"
+    text_encoder = _load_component(encoder_folder, lambda: encoder_class.from_pretrained(encoder_folder, use_safetensors=True))
+    tokenizer = _load_component(tokenizer_folder, lambda: transformers.AutoTokenizer.from_pretrained(tokenizer_folder))
+    return text_encoder, tokenizer
 
 
 _COMPONENTS = ("unet", "scheduler", "text_encoder", "tokenizer", "vae", "text_encoder_2", "tokenizer_2")

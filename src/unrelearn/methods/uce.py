@@ -89,10 +89,14 @@ class UCE(ClosedFormMethod):
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Token rows of the forget prompts, their guide rows (same positions), preserved rows."""
         model = self.model
-        forget = model.encode_prompts([c.text for c in self.sets.forget])
-        guide = model.encode_prompts([self.guide_prompt()] * len(self.sets.forget))
+
+        def rows(prompts: list[str]) -> torch.Tensor:
+            return model.token_embeddings(model.encode_prompts(prompts))
+
+        forget = rows([c.text for c in self.sets.forget])
+        guide = rows([self.guide_prompt()] * len(self.sets.forget))
         kept = self.sets.preserve + (self.sets.clean if self.config.preserve_clean else [])
-        preserve = model.encode_prompts([c.text for c in kept])
+        preserve = rows([c.text for c in kept])
         dim = forget.shape[-1]
         return forget.reshape(-1, dim).cpu(), guide.reshape(-1, dim).cpu(), preserve.reshape(-1, dim).cpu()
 
