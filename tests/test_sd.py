@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
 from tiny_sd import IMAGE_SIZE, save_sd1, save_sdxl
+
 from unrelearn.errors import UnrelearnError
 from unrelearn.model import DiffusionModel
 
