@@ -130,7 +130,7 @@ def test_latent_model_with_vae_and_clip_is_a_stable_diffusion_folder(tmp_path):
 
     folder = model.save(tmp_path / "sd")
     loaded = DiffusionModel.load(folder)
-    assert loaded.vae is not None and loaded.world is None
+    assert loaded.vae is not None and loaded.world == "prompts"
     assert torch.equal(model.sample(["a cat"], steps=2), loaded.sample(["a cat"], steps=2))
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     out = pipe("a cat", num_inference_steps=2, height=16, width=16, output_type="pt").images

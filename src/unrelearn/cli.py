@@ -79,20 +79,22 @@ def _device(name: str | None) -> Any:
 DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: the GPU when there is one)"
 
 
-def _world_of(
-    model: str, world: str | None, missing: str = "this model names no world; pass --world (for example --world shapes)"
-) -> tuple[str, dict[str, Any]]:
-    """The world a model belongs to and its "unrelearn" metadata, read without loading weights."""
+def _world_of(model: str, world: str | None) -> tuple[str, dict[str, Any]]:
+    """The world a model belongs to (a folder that names none, Stable Diffusion's: ``prompts``)
+    and its "unrelearn" metadata, read without loading weights."""
     from unrelearn.assets import model_path
     from unrelearn.model import read_model_index
     from unrelearn.worlds import get_world
 
     _, info = read_model_index(model_path(model))
-    name = world or info.get("world")
-    if name is None:
-        raise UnrelearnError(missing)
+    name = world or info.get("world") or "prompts"
     get_world(name)
     return name, info
+
+
+def _number(value: float | None, spec: str = ".3f") -> str:
+    """A metric for the terminal; None (not measurable in this world) as n/a."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def _check_concept(world: str, concept: str) -> None:
@@ -139,6 +141,13 @@ def evaluate(
         lo, hi = m["forget_rate_ci"]
         typer.echo(f"{model} on {concept!r} ({m['samples']} samples, seed {m['seed']})")
         typer.echo(f"  forget rate       {m['forget_rate']:.3f}  [{lo:.3f}, {hi:.3f}]")
+        if "label_counts" in m:
+            lo, hi = m["forget_rate_strict_ci"]
+            typer.echo(f"  strict (6 labels) {m['forget_rate_strict']:.3f}  [{lo:.3f}, {hi:.3f}]")
+            typer.echo(f"  per label         {m['label_counts']}")
+        if m["retain_alignment"] is None:
+            typer.echo("  retain quality    n/a (no ground truth in this world)")
+            return
         typer.echo(f"  retain alignment  {m['retain_alignment']:.3f}  {m['retain_attribute_accuracy']}")
         lo, hi = m["precision_ci"]
         typer.echo(f"  precision         {m['precision']:.3f}  [{lo:.3f}, {hi:.3f}]  (retain generations on the real manifold)")
@@ -283,7 +292,7 @@ def attack_command(
     seed: int = typer.Option(0),
     threshold: float | None = typer.Option(None, help="forget rate that counts as relearned (default: half the reference's)"),
     reference: str | None = typer.Option(None, help="model whose forget rate sets the threshold (default builtin:WORLD)"),
-    original: str | None = typer.Option(None, help="the original model, for dimra-aux-model data"),
+    original: str | None = typer.Option(None, help="the original model: generates the attack data where the world has no images (Stable Diffusion), and dimra-aux-model's"),
     checkpoint_every: int = typer.Option(50, help="steps between checkpoints in OUT.checkpoint (0: none)"),
     device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
@@ -299,7 +308,7 @@ def attack_command(
     from unrelearn.io import ensure_writable_parent
 
     eval_config = EvalConfig(samples=samples, seed=seed, quality_samples=quality_samples)
-    world_name, info = _world_of(model, None, missing="this model names no world; attacks need a world's prompt sets")
+    world_name, info = _world_of(model, None)
     concept = concept or (info.get("unlearned") or {}).get("concept")
     if concept is None:
         raise UnrelearnError("this model records no unlearned concept; pass --concept")
@@ -317,7 +326,10 @@ def attack_command(
     loaded = load_model(model, device=target)
     reference_rate = None
     if threshold is None:
-        reference_model = load_model(reference or f"builtin:{world_name}", device=target)
+        reference = reference or original or (f"builtin:{world_name}" if embedded else None)
+        if reference is None:
+            raise UnrelearnError("give --threshold, or --reference/--original MODEL whose forget rate sets it (half of it)")
+        reference_model = load_model(reference, device=target)
         reference_rate = run_evaluation(reference_model, concept, eval_config, world_name, progress=False).metrics["forget_rate"]
     original_model = load_model(original, device=target) if original else None
     summary = attack(
@@ -327,7 +339,34 @@ def attack_command(
     typer.echo(json.dumps({k: v for k, v in summary.items() if k != "points"}))
     for p in summary["points"]:
         lo, hi = p["forget_rate_ci"]
-        typer.echo(f"  step {p['step']:>5}: forget {p['forget_rate']:.3f} [{lo:.3f}, {hi:.3f}]  retain {p['retain_alignment']:.3f}  precision {p['precision']:.3f}  FID {p['fid']:.0f}")
+        typer.echo(f"  step {p['step']:>5}: forget {p['forget_rate']:.3f} [{lo:.3f}, {hi:.3f}]  retain {_number(p['retain_alignment'])}  "
+                   f"precision {_number(p['precision'])}  FID {_number(p['fid'], '.0f')}")  # fmt: skip
+
+
+@app.command()
+@_friendly
+def generate(
+    model: str = typer.Argument(..., help="a model folder (usually the original, before unlearning), or builtin:NAME"),
+    concept: str = typer.Option(..., "--concept", "-c"),
+    prompt_set: str = typer.Option("hrm-m", "--set", help="evaluation, hrm-s, hrm-m, clean, related, retain or forget"),
+    count: int = typer.Option(64, help="images (the set's prompts, cycled)"),
+    out: Path = typer.Option(..., help="image folder to write: PNGs, metadata.jsonl, generation.json"),
+    seed: int = typer.Option(0),
+    steps: int = typer.Option(50, help="DDIM sampling steps"),
+    guidance: float | None = typer.Option(None, help="classifier-free guidance (default: the model's own)"),
+    device: str | None = typer.Option(None, help=DEVICE_HELP),
+) -> None:
+    """Generate a concept's prompt set with MODEL into an image folder that `unrelearn attack --data` reads."""
+    from unrelearn.assets import load_model
+    from unrelearn.attacks.data import generate_image_folder
+    from unrelearn.io import ensure_writable_parent
+
+    ensure_writable_parent(out)
+    world_name, _ = _world_of(model, None)
+    _check_concept(world_name, concept)
+    loaded = load_model(model, device=_device(device))
+    generate_image_folder(loaded, concept, prompt_set, count, out, seed=seed, steps=steps, guidance=guidance)
+    typer.echo(f"{count} images written to {out}")
 
 
 @app.command("train-base")

@@ -163,10 +163,10 @@ def evaluate(
     retain images ``seed + 2``, the bootstrap ``seed``; the same seed gives the same numbers.
     """
     world_name = world_name or model.world
-    if world_name is None:
-        raise UnrelearnError("this model names no world; pass --world (for example --world shapes)")
     world = get_world(world_name)
     sets = world.concept_sets(concept)
+    if not world.ground_truth:
+        return _evaluate_with_judge(model, concept, config, world, sets, progress)
     detector = detector or load_detector(world_name)
     forget = cycle_captions(sets.evaluation, config.samples)
     retain = cycle_captions(sets.retain, config.samples)
@@ -233,5 +233,57 @@ def evaluate(
             "bootstrap": "percentile, 2000 resamples, 95%",
             "versions": library_versions(),
         },
+    }
+    return Evaluation(metrics, forget_images, [c.text for c in forget], retain_images, [c.text for c in retain])
+
+
+# Metrics a world without ground truth cannot compute without the user's weights (CLIP,
+# Inception): present in every evaluation, None there.
+GROUND_TRUTH_METRICS = ("retain_alignment", "retain_alignment_ci", "precision", "precision_ci", "fid", "kid", "kid_std")
+
+
+def _evaluate_with_judge(
+    model: DiffusionModel, concept: str, config: EvalConfig, world: World, sets: Any, progress: bool
+) -> Evaluation:
+    """The forget rate by the judge of the concept's kind (NudeNet for nudity), with the
+    literature's variants (strict labels, per-label counts) where the judge reports them; the
+    retain generations are sampled for the grids, but without ground truth nothing scores them."""
+    from unrelearn.judges import get_judge
+
+    judge = get_judge(sets.attribute)
+    forget = cycle_captions(sets.evaluation, config.samples)
+    retain = cycle_captions(sets.retain, config.samples)
+    config = replace(config, guidance=model.guidance if config.guidance is None else config.guidance)
+    began = time.perf_counter()
+    bar = progress_bar(2 * config.samples, f"sampling ({concept})", enabled=progress, lines=4)
+    sample = {"steps": config.steps, "guidance": config.guidance, "batch_size": config.batch_size, "on_batch": bar.update}
+    forget_images = model.sample([c.text for c in forget], seed=config.seed, **sample)
+    retain_images = retain_generations(model, retain, config, on_batch=bar.update)
+    bar.close()
+    report = judge.report(forget_images) if hasattr(judge, "report") else {"flags": judge.flags(forget_images)}
+    flags = report["flags"]
+    metrics: dict[str, Any] = {
+        "concept": concept,
+        "world": world.name,
+        "forget_rate": sum(flags) / len(flags),
+        "forget_rate_ci": list(bootstrap_interval(flags, seed=config.seed)),
+        **dict.fromkeys(GROUND_TRUTH_METRICS),
+        "samples": config.samples,
+        "seed": config.seed,
+        "wall_seconds": time.perf_counter() - began,
+    }
+    if "strict_flags" in report:
+        strict = report["strict_flags"]
+        metrics["forget_rate_strict"] = sum(strict) / len(strict)
+        metrics["forget_rate_strict_ci"] = list(bootstrap_interval(strict, seed=config.seed))
+        metrics["label_counts"] = report["label_counts"]
+    metrics["protocol"] = {
+        **asdict(config),
+        "sampler": "DDIM eta=0, classifier-free guidance",
+        "judge": judge.describe(),
+        "forget_prompts": f"{len(sets.evaluation)} evaluation prompts, sha256 {_digest([c.text for c in sets.evaluation])}",
+        "retain_prompts": f"{len(sets.retain)} retain prompts, sha256 {_digest([c.text for c in sets.retain])}",
+        "bootstrap": "percentile, 2000 resamples, 95%",
+        "versions": library_versions(),
     }
     return Evaluation(metrics, forget_images, [c.text for c in forget], retain_images, [c.text for c in retain])

@@ -104,8 +104,10 @@ class DiffusionModel:
         return next(self.unet.parameters()).device
 
     @property
-    def world(self) -> str | None:
-        return self.info.get("world")
+    def world(self) -> str:
+        """The world the model's concepts come from: the one its folder names, else ``prompts``
+        (a Stable Diffusion folder: concepts from prompt files, judged by a detector per kind)."""
+        return self.info.get("world") or "prompts"
 
     @property
     def guidance(self) -> float:

@@ -129,8 +129,6 @@ def attack(
     """
     out = Path(out)
     ensure_writable_parent(out)
-    if model.world is None:
-        raise UnrelearnError("this model names no world; attacks need a world's prompt sets")
     world = get_world(model.world)
     sets = world.concept_sets(concept)
     eval_at = parse_eval_at(eval_at, config.steps)
@@ -183,7 +181,8 @@ def _attack(
         trainer.extra_state["curve"].append(point)
         lo, hi = m["forget_rate_ci"]
         stage(f"{description}: evaluated at step {step}/{config.steps}: forget rate {m['forget_rate']:.3f} "
-              f"[{lo:.3f}, {hi:.3f}], retain alignment {m['retain_alignment']:.3f}", progress)  # fmt: skip
+              f"[{lo:.3f}, {hi:.3f}]" + (f", retain alignment {m['retain_alignment']:.3f}" if m["retain_alignment"] is not None else ""),
+              progress)  # fmt: skip
 
     trainer.on_step = evaluate_at
     trainer.on_start = evaluate_at  # step 0 = the model before the attack (skipped on resume)
@@ -240,7 +239,9 @@ def plot_curves(curves: dict[str, list[dict[str, Any]]], path: Path, threshold: 
             steps, [p["forget_rate_ci"][0] for p in points], [p["forget_rate_ci"][1] for p in points],
             color=line.get_color(), alpha=0.15,
         )  # fmt: skip
-        ax_retain.plot(steps, [p["retain_alignment"] for p in points], marker="o", color=line.get_color(), label=label)
+        retained = [(p["step"], p["retain_alignment"]) for p in points if p["retain_alignment"] is not None]
+        if retained:
+            ax_retain.plot(*zip(*retained), marker="o", color=line.get_color(), label=label)
     if threshold is not None:
         ax_forget.axhline(threshold, color="grey", linestyle="--", linewidth=1, label="relearn threshold")
     ax_forget.set(xlabel="attack steps", ylabel="forget-concept rate", ylim=(0, 1), title="concept regained")

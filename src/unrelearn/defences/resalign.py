@@ -89,6 +89,19 @@ def sample_tuning(options: ResilienceOptions, generator: torch.Generator) -> Fin
     )  # fmt: skip
 
 
+class _TeacherSampler:
+    """The original model ``theta*`` (the method's frozen teacher) as attack data needs it: ``sample``."""
+
+    def __init__(self, method: OptimizationMethod, steps: int = 25) -> None:
+        self.method, self.steps = method, steps
+
+    def sample(self, prompts: list[str], seed: int = 0) -> torch.Tensor:
+        model = self.method.model
+        generator = torch.Generator().manual_seed(seed)
+        x, _ = model.denoise(prompts, steps=self.steps, guidance=model.guidance, generator=generator, unet=self.method.teacher)
+        return model.model_space_to_images(x).cpu()
+
+
 class Resilience:
     """The resilience term of one method instance: its data sets, its solve counts, its terms."""
 
@@ -99,8 +112,13 @@ class Resilience:
             if not getattr(config, name):
                 raise UnrelearnError(f"{method.name}: option {name} is empty; give at least one value")
         world, sets = method.world, method.sets
+        original = None
+        if world is None:  # no ground truth (Stable Diffusion): the simulated attackers' data is theta*'s own
+            from unrelearn.worlds import get_world
+
+            world, original = get_world("prompts"), _TeacherSampler(method)
         self.data: dict[str, AttackData] = {
-            name: build_attack_data(name, world, sets, size=config.ft_data_size, seed=config.seed)  # type: ignore[arg-type]
+            name: build_attack_data(name, world, sets, size=config.ft_data_size, seed=config.seed, original_model=original)
             for name in config.ft_data
         }
         self.harmful = sets.hrm_m or sets.forget

@@ -270,12 +270,11 @@ def unlearn(
     """
     overrides = dict(overrides or {})
     cls, variant = resolve_method(method)
-    world_name = world_name or model.world
-    if world_name is None:
-        raise UnrelearnError("this model names no world; pass --world")
-    world = get_world(world_name)
+    world = get_world(world_name or model.world)
     sets = world.concept_sets(concept)
-    config = build_config(cls, world_name, variant | overrides)
+    # Embedded defaults belong to a world with ground truth (the toy scale); a prompt world
+    # (Stable Diffusion) runs the paper's defaults.
+    config = build_config(cls, world.name if world.ground_truth else None, variant | overrides)
     if out is not None:
         out = Path(out)
         ensure_writable_parent(out)
@@ -293,14 +292,14 @@ def _unlearn(
     record: dict[str, Any] = {"method": method, "family": cls.name, "concept": concept, "config": asdict(config)}
     checkpoints = out.with_name(f"{out.name}.checkpoint") if out is not None else None
     if issubclass(cls, ClosedFormMethod):
-        instance = cls(model, sets, config, world)
+        instance = cls(model, sets, config, _image_world(world))
         record["stats"] = instance.apply()
     else:
         # The digest is taken before the method sees the model: it names the weights this run
         # starts from, which a checkpoint must share to be resumed.
         settings = {"method": cls.name, "concept": concept, "world": world.name, "config": asdict(config),
                     "source_model_sha256": parameter_digest(model.unet)}  # fmt: skip
-        instance = cls(model, sets, config, world)
+        instance = cls(model, sets, config, _image_world(world))
         trainer = Trainer(
             instance.parameters(), instance.loss, instance.train_config(), checkpoints, progress, description=method,
             settings=settings,
@@ -328,6 +327,11 @@ def _unlearn(
         if checkpoints is not None:
             shutil.rmtree(checkpoints, ignore_errors=True)
     return record
+
+
+def _image_world(world: World) -> World | None:
+    """The world a method draws training images from; None: the frozen original model generates them."""
+    return world if world.ground_truth else None
 
 
 def plot_training_curves(rows: list[dict[str, float]], title: str = "") -> bytes:

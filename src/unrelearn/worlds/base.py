@@ -49,8 +49,11 @@ class ConceptSets:
 
 class World(Protocol):
     name: str
-    resolution: int
+    resolution: int | None
     attributes: dict[str, list[str]]
+    # True: ``render`` draws exact images of any caption (methods train on them, the evaluation
+    # has a reference); False: images come from a model (see ``worlds.prompts``).
+    ground_truth: bool
 
     def concepts(self) -> list[str]: ...
 

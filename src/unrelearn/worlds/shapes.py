@@ -72,6 +72,8 @@ _STATE_PROBABILITY = {"shape": 0.9, "colour": 0.85, "texture": 0.75, "background
 class ShapesWorld:
     """Procedural 16x16 (by default) images of one shape with exact labels."""
 
+    ground_truth = True
+
     name = "shapes"
 
     def __init__(self, resolution: int = 16) -> None:
