@@ -140,6 +140,37 @@ def test_a_store_of_another_schema_or_not_a_database_is_refused(tmp_path):
         ResultStore(tmp_path / "old.sqlite")
 
 
+def test_a_schema_3_store_is_migrated_with_its_rows(tmp_path):
+    """Schema 4 only lets the quality columns be NULL; a store written by schema 3 (benchmarks in
+    progress) keeps its rows and takes rows without quality metrics afterwards."""
+    from unrelearn.bench import store as store_module
+
+    path = tmp_path / "results.sqlite"
+    schema3 = store_module._SCHEMA
+    for column in store_module._QUALITY_COLUMNS:
+        schema3 = schema3.replace(f"    {column} REAL,", f"    {column} REAL NOT NULL,")
+    assert schema3.count("NOT NULL") == store_module._SCHEMA.count("NOT NULL") + len(store_module._QUALITY_COLUMNS)
+    with sqlite3.connect(path) as db:
+        db.executescript(schema3)
+        db.execute("INSERT INTO meta VALUES ('schema', '3')")
+        db.execute("INSERT INTO cells VALUES ('old', 'circle', 'esd', 'hrm-m', 0, '{}', '{}', 1.0, 'h', 0)")
+        db.execute("INSERT INTO points VALUES ('old', 0, 0.5, 0.4, 0.6, 0.9, 0.8, 1.0, 0.7, 0.6, 0.8, 12.0, 0.01, 0.002)")
+    store = ResultStore(path)
+
+    def point_of(key):
+        return next(c for c in store.cells() if c.key == key).points[0]
+
+    assert point_of("old")["fid"] == 12.0 and point_of("old")["forget_rate"] == 0.5
+    point = {"step": 0, "forget_rate": 0.25, "forget_rate_ci": [0.1, 0.4], "retain_alignment": None,
+             "retain_alignment_ci": [None, None], "precision": None, "precision_ci": [None, None], "fid": None, "kid": None,
+             "kid_std": None}  # fmt: skip
+    store.add_cell(CellResult("new", "nudity", "esd", "hrm-m", 0, {}, {}, [point], 1.0, "h"))
+    assert point_of("new")["fid"] is None and point_of("new")["forget_rate"] == 0.25 and point_of("old")["kid"] == 0.01
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()[0] == "4"
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The tiny grid run start to finish by one process."""

@@ -145,3 +145,25 @@ def test_command_line_on_a_stable_diffusion_folder(sd, tmp_path):
 
     result = invoke("evaluate", folder, "-c", "snoopy", "--samples", 2, "--steps", 1)
     assert result.exit_code == 2 and "no detector for concepts of kind 'character'" in result.output
+
+
+def test_benchmark_and_report_on_a_stable_diffusion_folder(tmp_path):
+    """The benchmark runs unchanged on a folder of the prompts world: the attacker's data is the
+    original model's, the judge is NudeNet, and the report shows n/a where nothing measures."""
+    from unrelearn.bench.report import write_report
+    from unrelearn.bench.run import run_bench
+
+    folder = save_sd1(tmp_path / "sd")
+    preset = {
+        "concepts": ["nudity"],
+        "contenders": [{"label": "esd-u-1", "method": "esd-u-1", "options": FAST_ESD}],
+        "attacks": [{"data": ["hrm-m", "clean"], "steps": 1, "lr": 1e-4, "batch_size": 1, "data_size": 2, "eval_at": [0, 1]}],
+        "eval": {"samples": 2, "steps": 1},
+    }
+    with pytest.raises(UnrelearnError, match="--model FOLDER"):
+        run_bench(preset | {"model": None}, tmp_path / "bench", progress=False)
+    summary = run_bench(preset, tmp_path / "bench", progress=False, model=str(folder))
+    assert summary.computed == 2
+    paths = write_report(tmp_path / "bench")
+    text = paths["markdown"].read_text()
+    assert "esd-u-1" in text and "n/a" in text and "ground-truth renders" not in text

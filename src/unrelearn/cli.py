@@ -445,6 +445,7 @@ def bench(
     oracle: list[str] = typer.Option([], help="CONCEPT=MODEL: the exact-unlearning oracle of a concept; repeatable"),
     keep_models: bool = typer.Option(False, help="keep every attacked model (large) instead of only its image grid"),
     list_cells: bool = typer.Option(False, "--list", help="print the preset's cells and whether each is finished, run nothing"),
+    model: str | None = typer.Option(None, help="the model the preset unlearns (replaces the preset's; required by sd-* presets)"),
     device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Run a grid of unlearning methods and defences against attacks into OUT (resumable, shardable).
@@ -459,16 +460,18 @@ def bench(
 
     oracles = {}
     for pair in oracle:
-        concept, sep, model = pair.partition("=")
-        if not sep or not concept or not model:
+        concept, sep, oracle_model = pair.partition("=")
+        if not sep or not concept or not oracle_model:
             raise UnrelearnError(f"--oracle must be CONCEPT=MODEL (for example circle=runs/oracle-circle), got {pair!r}")
-        oracles[concept] = model
+        oracles[concept] = oracle_model
+    if model is not None:
+        _world_of(model, None)  # a missing or malformed folder fails here, before any work
     if list_cells:
-        for line in list_bench(preset, out, oracles):
+        for line in list_bench(preset, out, oracles, model=model):
             typer.echo(line)
         return
     command = shlex.join(["unrelearn", *sys.argv[1:]])
-    summary = run_bench(preset, out, shard, oracles, device=_device(device), keep_models=keep_models, command=command)
+    summary = run_bench(preset, out, shard, oracles, device=_device(device), keep_models=keep_models, command=command, model=model)
     typer.echo(describe(summary))
 
 

@@ -287,3 +287,14 @@ def _evaluate_with_judge(
         "versions": library_versions(),
     }
     return Evaluation(metrics, forget_images, [c.text for c in forget], retain_images, [c.text for c in retain])
+
+
+def shows_concept(world: World, concept: str, images: torch.Tensor) -> list[bool]:
+    """Per image: does it show ``concept``? The world's detector where it has ground truth, else
+    the judge of the concept's kind (what :func:`evaluate`'s forget rate counts)."""
+    sets = world.concept_sets(concept)
+    if world.ground_truth:
+        return concept_flags(load_detector(world.name), images, sets.attribute, concept)
+    from unrelearn.judges import get_judge
+
+    return get_judge(sets.attribute).flags(images)

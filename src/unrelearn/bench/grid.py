@@ -154,6 +154,10 @@ def expand(preset: dict[str, Any], oracles: dict[str, str] | None = None) -> lis
         if not preset.get(required):
             raise UnrelearnError(f"preset {preset.get('name')!r} names no {required}")
     model = preset.get("model", "builtin:shapes")
+    if model is None:
+        raise UnrelearnError(f"preset {preset.get('name')!r} names no model: pass --model FOLDER (your local Stable Diffusion folder)")
+    # The embedded world's attack defaults where the model is embedded; the papers' otherwise.
+    defaults = EMBEDDED_DEFAULTS if model.startswith("builtin:") else {}
     evaluation = dict(preset.get("eval", {}))
     _check_keys("the preset's eval", evaluation, _EVAL_KEYS)
     evaluation = {k: v for k, v in asdict(EvalConfig(**evaluation)).items() if k in _EVAL_KEYS}
@@ -178,7 +182,7 @@ def expand(preset: dict[str, Any], oracles: dict[str, str] | None = None) -> lis
             for combination in _axes(entry):
                 eval_at = tuple(sorted(set(combination.pop("eval_at", [0, combination.get("steps", 300)]))))
                 for seed in preset.get("seeds", [0]):
-                    values = EMBEDDED_DEFAULTS | combination | {"seed": seed}
+                    values = defaults | combination | {"seed": seed}
                     attack = asdict(AttackConfig(**values))
                     attack.pop("checkpoint_every")
                     if eval_at[-1] > attack["steps"] or eval_at[0] < 0:

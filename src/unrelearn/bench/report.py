@@ -66,8 +66,19 @@ class Figures:
 Block = Heading | Paragraph | Table | Figure | Figures
 
 
-def _rate(value: float, interval: list[float] | tuple[float, float] | None = None) -> str:
-    return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval is not None else "")
+def _rate(value: float | None, interval: list[float] | tuple[float, float] | None = None, spec: str = ".3f") -> str:
+    """A number with its interval; None (not measured in this world: no ground truth) as n/a."""
+    if value is None:
+        return "n/a"
+    return format(value, spec) + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval is not None and interval[0] is not None else "")
+
+
+def _mean(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else statistics.fmean(values)  # type: ignore[arg-type]
+
+
+def _span(values: list[float | None]) -> list[float | None]:
+    return [None, None] if any(v is None for v in values) else [min(values), max(values)]  # type: ignore[type-var]
 
 
 def _steps(value: int | None) -> str:
@@ -100,13 +111,13 @@ class Setting:
                 "step": step,
                 "forget_rate": statistics.fmean(p["forget_rate"] for p in points),
                 "forget_rate_ci": [min(p["forget_rate"] for p in points), max(p["forget_rate"] for p in points)],
-                "retain_alignment": statistics.fmean(p["retain_alignment"] for p in points),
-                "retain_alignment_ci": [min(p["retain_alignment"] for p in points), max(p["retain_alignment"] for p in points)],
-                "precision": statistics.fmean(p["precision"] for p in points),
-                "precision_ci": [min(p["precision"] for p in points), max(p["precision"] for p in points)],
-                "fid": statistics.fmean(p["fid"] for p in points),
-                "kid": statistics.fmean(p["kid"] for p in points),
-                "kid_std": statistics.fmean(p["kid_std"] for p in points),
+                "retain_alignment": _mean([p["retain_alignment"] for p in points]),
+                "retain_alignment_ci": _span([p["retain_alignment"] for p in points]),
+                "precision": _mean([p["precision"] for p in points]),
+                "precision_ci": _span([p["precision"] for p in points]),
+                "fid": _mean([p["fid"] for p in points]),
+                "kid": _mean([p["kid"] for p in points]),
+                "kid_std": _mean([p["kid_std"] for p in points]),
             }
             for step, points in sorted(by_step.items())
         ]
@@ -200,15 +211,17 @@ def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curve
         if start is not None:
             rows.append([contender, _rate(start["forget_rate"], start["forget_rate_ci"]),
                          _rate(start["retain_alignment"], start["retain_alignment_ci"]),
-                         _rate(start["precision"], start["precision_ci"]), f"{start['kid']:.3f} ± {start['kid_std']:.3f}",
-                         f"{start['fid']:.0f}"])  # fmt: skip
+                         _rate(start["precision"], start["precision_ci"]),
+                         "n/a" if start["kid"] is None else f"{start['kid']:.3f} ± {start['kid_std']:.3f}",
+                         _rate(start["fid"], spec=".0f")])  # fmt: skip
     blocks.append(Heading("Before the attack", 4))
     blocks.append(Table(["contender", "forget rate [95% CI]", "retain alignment [95% CI]", "precision [95% CI]",
                          "KID ± std over subsets", "FID (no interval: see below)"], rows))  # fmt: skip
-    blocks.append(Paragraph("Quality on the retain prompts, in the detector's features against 10,000 ground-truth "
-                            "renders: precision (share of generations inside the real images' k-NN manifold, with "
-                            "its interval; the steadiest of the three, 2-13% spread over seeds on the base model at "
-                            "64-512 samples), KID and FID (FID moves by up to 58% between seeds, at 128 and at 512 samples)."))  # fmt: skip
+    if any(row[3] != "n/a" for row in rows):
+        blocks.append(Paragraph("Quality on the retain prompts, in the detector's features against 10,000 ground-truth "
+                                "renders: precision (share of generations inside the real images' k-NN manifold, with "
+                                "its interval; the steadiest of the three, 2-13% spread over seeds on the base model at "
+                                "64-512 samples), KID and FID (FID moves by up to 58% between seeds, at 128 and at 512 samples)."))  # fmt: skip
     grids = [Figure(p, f"{concept}: original model") for p in sorted((store.path.parent / "grids").glob("reference-*.png"))
              if _reference_concept(store, p) == concept]  # fmt: skip
     for key, model in sorted(models.items(), key=lambda kv: rank(kv[1]["contender"])):
@@ -242,8 +255,8 @@ def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curve
                 [s.contender]
                 + [_rate(by_step[t]["forget_rate"], by_step[t]["forget_rate_ci"]) if t in by_step else "-" for t in steps]
                 + [", ".join(_steps(r) for r in relearn), f"{statistics.fmean(c.summary['auc'] for c in s.cells):.3f}",
-                   f"{by_step[steps[-1]]['retain_alignment']:.3f}" if steps[-1] in by_step else "-",
-                   f"{by_step[steps[-1]]['precision']:.3f}" if steps[-1] in by_step else "-"]
+                   _rate(by_step[steps[-1]]["retain_alignment"]) if steps[-1] in by_step else "-",
+                   _rate(by_step[steps[-1]]["precision"]) if steps[-1] in by_step else "-"]
             )  # fmt: skip
         blocks.append(Paragraph(f"Rows: {note} after each number of attack steps; steps-to-relearn per seed; "
                                 "AUC: area under the forget-rate curve over the attack, normalised to 1."))  # fmt: skip

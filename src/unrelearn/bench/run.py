@@ -74,11 +74,16 @@ def run_bench(
     keep_models: bool = False,
     progress: bool = True,
     command: str | None = None,
+    model: str | None = None,
 ) -> BenchSummary:
+    """Run the cells of ``preset_name`` (a preset's name or a preset dict) into ``out``; ``model``
+    replaces the preset's model (a preset for Stable Diffusion names none: the user's folder)."""
     out = Path(out)
     ensure_writable_parent(out)
     index, count = parse_shard(shard_text)
     preset = load_preset(preset_name) if isinstance(preset_name, str) else {"name": "custom"} | preset_name
+    if model is not None:
+        preset = preset | {"model": model}
     cells = expand(preset, oracles)
     mine = shard(cells, index, count)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +122,7 @@ class _Runner:
     ) -> None:
         self.store, self.out, self.base_model = store, out, base_model
         self.device, self.keep_models, self.progress = device, keep_models, progress
+        self._original: Any = None
 
     def run(self, cell: Cell) -> None:
         from unrelearn.attacks import AttackConfig, attack
@@ -135,7 +141,8 @@ class _Runner:
             start = self.start(cell.contender, cell.concept, model_dir, eval_config) if 0 in cell.eval_at else None
             model = DiffusionModel.load(model_dir, device=self.device)
             curve = attack(model, cell.concept, AttackConfig(**cell.attack), folder, list(cell.eval_at), eval_config,
-                           reference_rate=reference, progress=self.progress, initial_point=start)  # fmt: skip
+                           reference_rate=reference, progress=self.progress, initial_point=start,
+                           original_model=self.original(model))  # fmt: skip
         grid = self.out / "grids" / f"cell-{cell.key}.png"
         if not grid.is_file():
             attacked = DiffusionModel.load(folder / "model", device=self.device)
@@ -148,6 +155,18 @@ class _Runner:
         ))  # fmt: skip
         if not self.keep_models:
             shutil.rmtree(folder / "model", ignore_errors=True)
+
+    def original(self, model: Any) -> Any:
+        """The base model, loaded once, where the world has no images for the attacker (its data
+        is then the base model's generations); None in worlds with ground truth."""
+        from unrelearn.assets import load_model
+        from unrelearn.worlds import get_world
+
+        if get_world(model.world).ground_truth:
+            return None
+        if self._original is None:
+            self._original = load_model(self.base_model, device=self.device)
+        return self._original
 
     def _evaluated_once(self, key: str, label: str, concept: str, compute) -> dict[str, Any]:
         """An evaluation stored under ``key``: computed by the first process that needs it (the
@@ -233,18 +252,15 @@ def _hardware(device: Any) -> str:
 
 def _flagged_grid(model: Any, concept: str, eval_config: Any, path: Path, title: str) -> None:
     """Samples from the concept's evaluation prompts, framed red where the detector sees the concept."""
-    from unrelearn.assets import load_detector
-    from unrelearn.evaluate import cycle_captions
-    from unrelearn.metrics import concept_flags
+    from unrelearn.evaluate import cycle_captions, shows_concept
     from unrelearn.report import save_grid
     from unrelearn.worlds import get_world
 
     world = get_world(model.world)
-    sets = world.concept_sets(concept)
-    captions = cycle_captions(sets.evaluation, GRID_SAMPLES)
+    captions = cycle_captions(world.concept_sets(concept).evaluation, GRID_SAMPLES)
     texts = [c.text for c in captions]
     images = model.sample(texts, seed=eval_config.seed, steps=eval_config.steps, guidance=eval_config.guidance or model.guidance)
-    flags = concept_flags(load_detector(world.name), images, sets.attribute, concept)
+    flags = shows_concept(world, concept, images)
     save_grid(images, texts, path, title=f"{title}: {sum(flags)}/{len(flags)} show {concept!r}", marked=flags)
 
 
@@ -256,9 +272,10 @@ def describe(summary: BenchSummary) -> str:
     )
 
 
-def list_bench(preset_name: str, out: str | Path, oracles: dict[str, str] | None = None) -> list[str]:
+def list_bench(preset_name: str, out: str | Path, oracles: dict[str, str] | None = None, model: str | None = None) -> list[str]:
     """One line per cell of the preset: key, what it runs, and whether ``out`` holds its result."""
-    cells = expand(load_preset(preset_name), oracles)
+    preset = load_preset(preset_name)
+    cells = expand(preset | {"model": model} if model is not None else preset, oracles)
     done: set[str] = set()
     if (Path(out) / "results.sqlite").is_file():
         store = ResultStore(Path(out) / "results.sqlite")

@@ -25,7 +25,11 @@ from typing import Any
 
 from unrelearn.errors import UnrelearnError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+# Schema 4 lets the quality columns be NULL (a world without ground truth, Stable Diffusion's,
+# has no retain alignment, precision, FID or KID); a schema-3 store is migrated in place.
+_QUALITY_COLUMNS = ("retain_alignment", "retain_low", "retain_high", "precision", "precision_low", "precision_high",
+                    "fid", "kid", "kid_std")  # fmt: skip
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -47,15 +51,15 @@ CREATE TABLE IF NOT EXISTS points (
     forget_rate REAL NOT NULL,
     forget_low REAL NOT NULL,
     forget_high REAL NOT NULL,
-    retain_alignment REAL NOT NULL,
-    retain_low REAL NOT NULL,
-    retain_high REAL NOT NULL,
-    precision REAL NOT NULL,
-    precision_low REAL NOT NULL,
-    precision_high REAL NOT NULL,
-    fid REAL NOT NULL,
-    kid REAL NOT NULL,
-    kid_std REAL NOT NULL,
+    retain_alignment REAL,
+    retain_low REAL,
+    retain_high REAL,
+    precision REAL,
+    precision_low REAL,
+    precision_high REAL,
+    fid REAL,
+    kid REAL,
+    kid_std REAL,
     PRIMARY KEY (cell, step)
 );
 CREATE TABLE IF NOT EXISTS models (
@@ -114,6 +118,8 @@ class ResultStore:
                 found = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
                 if found is None:
                     db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                elif int(found[0]) == 3:
+                    _migrate_3_to_4(db)
                 elif int(found[0]) != SCHEMA_VERSION:
                     raise UnrelearnError(
                         f"{str(self.path)!r} holds results of store schema {found[0]}, this unrelearn writes schema "
@@ -174,7 +180,8 @@ class ResultStore:
             db.executemany(
                 "INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(result.key, p["step"], p["forget_rate"], *p["forget_rate_ci"], p["retain_alignment"],
-                  *p["retain_alignment_ci"], p["precision"], *p["precision_ci"], p["fid"], p["kid"], p["kid_std"]) for p in result.points],
+                  *(p["retain_alignment_ci"] or (None, None)), p["precision"], *(p["precision_ci"] or (None, None)), p["fid"],
+                  p["kid"], p["kid_std"]) for p in result.points],
             )  # fmt: skip
             db.execute(
                 "INSERT INTO events VALUES (?, ?, ?, ?, 'finished')", (time.time(), socket.gethostname(), os.getpid(), result.key)
@@ -223,3 +230,16 @@ class ResultStore:
     def evaluation(self, key: str) -> dict[str, Any] | None:
         row = self._db.execute("SELECT metrics FROM evaluations WHERE key = ?", (key,)).fetchone()
         return None if row is None else json.loads(row[0])
+
+
+def _migrate_3_to_4(db: sqlite3.Connection) -> None:
+    """Drop NOT NULL from the quality columns of ``points`` (SQLite cannot alter a column: the
+    table is rebuilt with its rows, inside the caller's transaction)."""
+    (create,) = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'points'").fetchone()
+    for column in _QUALITY_COLUMNS:
+        create = create.replace(f"{column} REAL NOT NULL", f"{column} REAL")
+    db.execute("ALTER TABLE points RENAME TO points_schema3")
+    db.execute(create)
+    db.execute("INSERT INTO points SELECT * FROM points_schema3")
+    db.execute("DROP TABLE points_schema3")
+    db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (str(SCHEMA_VERSION),))
