@@ -159,3 +159,43 @@ def test_closed_form_methods_get_a_meta_second_stage(minilm, method):
     unlearn(moved, method, "circle", overrides={"steps": 2, "gamma2": 1.0, "lr": 1e-2} | FAST_META, progress=False)
     changed = {n for (n, p), q in zip(moved.unet.named_parameters(), closed.unet.parameters()) if not torch.equal(p, q)}
     assert changed and all(".attn2." in n for n in changed)
+
+
+def test_gradient_checkpointing_keeps_the_exact_meta_gradient(minilm):
+    """Recomputing activations in the backward pass (the memory option for large UNets) must not
+    change the exact meta-gradient, whose double backward runs through the checkpoints."""
+    plain = _float64_method(minilm, inner_steps=2, inner_lr=0.05, meta_grad="exact")
+    checkpointed = _float64_method(minilm, inner_steps=2, inner_lr=0.05, meta_grad="exact")
+    checkpointed.model.unet.enable_gradient_checkpointing()
+    checkpointed.model.unet.train()
+    plain.model.unet.train()
+    from unrelearn.model import differentiable_attention
+
+    expected = _total_gradient(plain, 7)
+    with differentiable_attention():  # as unlearn() runs a checkpointed exact meta run
+        found = _total_gradient(checkpointed, 7)
+    assert any(g.abs().max() > 0 for g in expected.values())
+    for name in expected:
+        torch.testing.assert_close(found[name], expected[name], rtol=1e-10, atol=1e-13)
+
+
+def test_memory_options_of_a_meta_run(minilm):
+    """gradient_checkpointing leaves the run's weights as they are without it (up to rounding); bf16 autocast
+    trains too (its weights move differently) and both are recorded."""
+    runs = {}
+    for name, options in {"plain": {}, "checkpointed": {"gradient_checkpointing": True}, "bf16": {"mixed_precision": "bf16"}}.items():
+        model = fresh_model(minilm)
+        # SGD: an update proportional to the gradient, so rounding stays rounding (Adam turns a
+        # near-zero entry's sign into a full step).
+        record = unlearn(model, "meta:esd-u-1", "circle", overrides=FAST_ESD | FAST_META | {"optimizer": "sgd"} | options,
+                         progress=False)  # fmt: skip
+        assert all(torch.isfinite(torch.tensor(row["loss"])) for row in record["loss_curve"])
+        assert not model.unet.is_gradient_checkpointing  # switched off again after training
+        runs[name] = (record, dict(model.unet.named_parameters()))
+    assert runs["checkpointed"][0]["config"]["gradient_checkpointing"] is True
+    assert runs["bf16"][0]["config"]["mixed_precision"] == "bf16"
+    # Not bit for bit: the checkpointed exact run computes attention with the math kernel
+    # throughout (see unlearn()), the plain one outside the inner loop with torch's default.
+    for name, p in runs["plain"][1].items():
+        torch.testing.assert_close(runs["checkpointed"][1][name], p, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(runs["bf16"][1][n], p) for n, p in runs["plain"][1].items())

@@ -253,7 +253,8 @@ class DiffusionModel:
         kwargs = self._unet_kwargs(x_t, context)
         if params is None:
             return network(x_t, t, **kwargs).sample
-        return torch.func.functional_call(network, dict(params), (x_t, t), kwargs).sample
+        with _without_checkpointing(network):
+            return torch.func.functional_call(network, dict(params), (x_t, t), kwargs).sample
 
     def diffusion_loss(
         self,
@@ -606,6 +607,22 @@ def _load_component(folder: Path, load: Callable[[], Any]) -> Any:
         raise UnrelearnError(
             f"cannot load {str(folder)!r} ({reason}); the folder is damaged or holds another architecture than its config.json says"
         ) from None
+
+
+@contextmanager
+def _without_checkpointing(network: torch.nn.Module) -> Iterator[None]:
+    """Gradient checkpointing off for one forward pass with substituted parameters: a checkpointed
+    block is recomputed in the backward pass, after ``functional_call`` has put the module's own
+    weights back, so it would differentiate the wrong weights (measured: exact meta-gradients off
+    by 1.5% of their largest entry, silently)."""
+    checkpointing = bool(getattr(network, "is_gradient_checkpointing", False))
+    if checkpointing:
+        network.disable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if checkpointing:
+            network.enable_gradient_checkpointing()
 
 
 @contextmanager

@@ -92,6 +92,9 @@ def meta_variant(base: type[Method]) -> type[Method]:
         Config = config_class
         embedded_defaults = base.embedded_defaults | EMBEDDED_META_DEFAULTS
 
+        def differentiates_twice(self) -> bool:
+            return self.config.meta_grad == "exact"
+
         def loss(self, step: int, generator: torch.Generator) -> dict[str, Any]:
             out = super().loss(step, generator)
             terms = dict(out) if isinstance(out, Mapping) else {"loss": out}
@@ -134,6 +137,9 @@ def _second_stage(base: type[ClosedFormMethod]) -> type[Method]:
 
         def parameters(self) -> dict[str, torch.nn.Parameter]:
             return select_parameters(self.model.unet, self.config.scope)
+
+        def differentiates_twice(self) -> bool:
+            return self.config.meta_grad == "exact"
 
         def bind(self, trainer) -> None:
             # The edit runs before the trainer loads a checkpoint: deterministic, so a resumed

@@ -273,6 +273,9 @@ class ResAlign(OptimizationMethod):
     def bind(self, trainer) -> None:
         self.resilience.trainer = trainer
 
+    def differentiates_twice(self) -> bool:
+        return True  # Hessian-vector products
+
     def finish(self) -> None:
         if self.lora is not None:
             fuse_lora(self.model.unet, adapter_name=OUTER_ADAPTER)
@@ -334,6 +337,9 @@ def resalign_variant(base: type[Method]) -> type[Method]:
             super().bind(trainer)
             self.resilience.trainer = trainer
 
+        def differentiates_twice(self) -> bool:
+            return True  # Hessian-vector products
+
         def loss(self, step: int, generator: torch.Generator) -> dict[str, Any]:
             out = super().loss(step, generator)
             own = dict(out) if isinstance(out, Mapping) else {"loss": out}
@@ -377,6 +383,9 @@ def _second_stage(base: type[ClosedFormMethod]) -> type[Method]:
             self.closed_form = base(model, sets, base_config, world)
             self.closed_form_stats: dict[str, Any] = {}
             self.resilience = Resilience(self)
+
+        def differentiates_twice(self) -> bool:
+            return True  # Hessian-vector products
 
         def parameters(self) -> dict[str, torch.nn.Parameter]:
             return select_parameters(self.model.unet, self.config.scope)

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
+from diffusers.training_utils import free_memory
 
 from unrelearn.errors import UnrelearnError
 from unrelearn.io import ensure_writable_parent, library_versions, output_lock
-from unrelearn.model import DiffusionModel, copy_unet
+from unrelearn.model import DiffusionModel, copy_unet, differentiable_attention
 from unrelearn.options import NonNegativeFloat, NonNegativeInt, Options, PositiveFloat, PositiveInt, check_options
 from unrelearn.training import OptimizerName, TrainConfig, Trainer, parameter_digest
 from unrelearn.worlds import ConceptSets, World, get_world
@@ -71,6 +72,11 @@ class OptimizationConfig(MethodConfig):
     grad_clip: PositiveFloat | None = None
     # With an output folder, a run is resumable from this many steps back at worst (0: never).
     checkpoint_every: NonNegativeInt = 200
+    # Memory for large UNets: recompute activations in the backward pass (also through an exact
+    # meta-gradient's double backward), and run the forward passes under bf16 autocast (weights,
+    # optimizer state and gradients stay float32; fp16 would need loss scaling: not offered).
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "bf16"] = "no"
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -106,6 +112,11 @@ class Method(ABC):
     def needs_teacher(self) -> bool:
         """ESD-style targets read theta*; without a world, training images are theta*'s samples too."""
         return self.uses_teacher or (self.world is None and not self.closed_form)
+
+    def differentiates_twice(self) -> bool:
+        """Whether the loss backpropagates through gradients (an exact meta-gradient, ResAlign's
+        Hessian-vector products): such runs need attention with a double backward."""
+        return False
 
     def pick(self, pool: list[Caption], generator: torch.Generator, size: int | None = None) -> list[Caption]:
         """A batch of ``size`` (default ``config.batch_size``) captions drawn with replacement."""
@@ -297,16 +308,27 @@ def _unlearn(
     else:
         # The digest is taken before the method sees the model: it names the weights this run
         # starts from, which a checkpoint must share to be resumed.
-        settings = {"method": cls.name, "concept": concept, "world": world.name, "config": asdict(config),
+        settings = {"method": cls.name, "concept": concept, "world": world.name, "config": _checkpoint_config(config),
                     "source_model_sha256": parameter_digest(model.unet)}  # fmt: skip
         instance = cls(model, sets, config, _image_world(world))
         trainer = Trainer(
-            instance.parameters(), instance.loss, instance.train_config(), checkpoints, progress, description=method,
-            settings=settings,
+            instance.parameters(), _autocast_loss(instance.loss, config.mixed_precision, model.device),
+            instance.train_config(), checkpoints, progress, description=method, settings=settings,
         )  # fmt: skip
         instance.bind(trainer)
         model.unet.train()
-        result = trainer.run(resume=resume)
+        if config.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+        # A checkpointed block is recomputed in the backward pass under the attention backend in
+        # force *then*: a loss built inside differentiable_attention() must also be
+        # backpropagated there, or the recomputation takes another kernel and fails.
+        same_backend = config.gradient_checkpointing and instance.differentiates_twice()
+        try:
+            with differentiable_attention() if same_backend else contextlib.nullcontext():
+                result = trainer.run(resume=resume)
+        finally:
+            if config.gradient_checkpointing:
+                model.unet.disable_gradient_checkpointing()
         model.unet.eval()
         instance.finish()
         record["final_losses"] = result.final_losses()
@@ -316,6 +338,10 @@ def _unlearn(
         record |= instance.record()
     record["wall_seconds"] = time.perf_counter() - began
     record["peak_memory_bytes"] = _peak_memory()
+    # The teacher, EMA copies and simulated attackers' data go with the method instance: hand
+    # their memory back before the caller's next phase (evaluation, an attack) allocates.
+    del instance
+    free_memory()
     record["device"] = str(model.device)
     record["versions"] = library_versions()
     model.info["unlearned"] = {"method": method, "concept": concept}
@@ -327,6 +353,31 @@ def _unlearn(
         if checkpoints is not None:
             shutil.rmtree(checkpoints, ignore_errors=True)
     return record
+
+
+# Options added after checkpoints were first written: at these values a run is what it was
+# before they existed, so they stay out of a checkpoint's settings (older checkpoints resume).
+_LATER_OPTIONS = {"gradient_checkpointing": False, "mixed_precision": "no"}
+
+
+def _checkpoint_config(config: Any) -> dict[str, Any]:
+    return {k: v for k, v in asdict(config).items() if not (k in _LATER_OPTIONS and v == _LATER_OPTIONS[k])}
+
+
+def _autocast_loss(loss: Callable, mixed_precision: str, device: torch.device) -> Callable:
+    """``loss`` with its forward passes under autocast (``mixed_precision`` bf16), the loss itself
+    returned in float32."""
+    if mixed_precision == "no":
+        return loss
+
+    def autocast_loss(step: int, generator: torch.Generator):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            out = loss(step, generator)
+        if isinstance(out, dict):
+            return {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() == 0 else v for k, v in out.items()}
+        return out.float()
+
+    return autocast_loss
 
 
 def _image_world(world: World) -> World | None:
