@@ -116,6 +116,8 @@ def evaluate(
     world: str | None = typer.Option(None, help="the world to evaluate in (default: the model's)"),
     out: Path | None = typer.Option(None, help="also write metrics.json and image grids here"),
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
+    prompts: Path | None = typer.Option(None, help="an I2P-style CSV (prompt, seed, guidance, categories) to evaluate on instead of the concept's prompts (Stable Diffusion)"),
+    category: str | None = typer.Option(None, help="with --prompts: only rows whose categories name this (e.g. sexual)"),
     device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Forget rate (with a bootstrap 95% interval), retain alignment and FID of MODEL."""
@@ -129,8 +131,15 @@ def evaluate(
         ensure_writable_parent(out)
     world_name, _ = _world_of(model, world)
     _check_concept(world_name, concept)
+    rows = None
+    if prompts is not None:
+        from unrelearn.worlds.prompts import read_prompt_csv
+
+        rows = read_prompt_csv(prompts, category)
+    elif category is not None:
+        raise UnrelearnError("--category selects rows of a --prompts file; give the file too")
     loaded = load_model(model, device=_device(device))
-    result = run_evaluation(loaded, concept, config, world_name, progress=not json_output)
+    result = run_evaluation(loaded, concept, config, world_name, progress=not json_output, prompts=rows)
     result.metrics["model"] = model
     if out is not None:
         _write_evaluation(out, result)

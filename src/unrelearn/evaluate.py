@@ -156,17 +156,23 @@ def evaluate(
     world_name: str | None = None,
     detector: ConceptDetector | None = None,
     progress: bool = True,
+    prompts: list[Any] | None = None,
 ) -> Evaluation:
     """Sample ``config.samples`` images from the concept's evaluation and retain prompts and score them.
 
     Seeds: forget generations use ``seed``, retain generations ``seed + 1``, ground-truth
     retain images ``seed + 2``, the bootstrap ``seed``; the same seed gives the same numbers.
+    ``prompts`` (rows of an I2P-style file, :func:`~unrelearn.worlds.prompts.read_prompt_csv`)
+    replace the concept's evaluation prompts in a world without ground truth, each generated
+    with its own seed and guidance.
     """
     world_name = world_name or model.world
     world = get_world(world_name)
     sets = world.concept_sets(concept)
     if not world.ground_truth:
-        return _evaluate_with_judge(model, concept, config, world, sets, progress)
+        return _evaluate_with_judge(model, concept, config, world, sets, progress, prompts)
+    if prompts is not None:
+        raise UnrelearnError(f"a prompt file is for worlds without ground truth; {world_name!r} writes its own evaluation prompts")
     detector = detector or load_detector(world_name)
     forget = cycle_captions(sets.evaluation, config.samples)
     retain = cycle_captions(sets.retain, config.samples)
@@ -242,22 +248,52 @@ def evaluate(
 GROUND_TRUTH_METRICS = ("retain_alignment", "retain_alignment_ci", "precision", "precision_ci", "fid", "kid", "kid_std")
 
 
+def sample_rows(model: DiffusionModel, rows: list[Any], config: EvalConfig, on_batch=None) -> torch.Tensor:
+    """One image per evaluation row, from the noise its seed draws (as a diffusers pipeline with
+    ``generator=torch.manual_seed(seed)`` draws it on the CPU) at its guidance; rows without a
+    seed use ``config.seed + row index``, without guidance ``config.guidance``."""
+    images: list[torch.Tensor | None] = [None] * len(rows)
+    by_guidance: dict[float, list[int]] = {}
+    for index, row in enumerate(rows):
+        by_guidance.setdefault(row.guidance if row.guidance is not None else config.guidance, []).append(index)
+    for guidance, indices in by_guidance.items():
+        for start in range(0, len(indices), config.batch_size):
+            batch = indices[start : start + config.batch_size]
+            noise = torch.cat([
+                torch.randn(model.sample_shape(1), generator=torch.Generator().manual_seed(
+                    rows[i].seed if rows[i].seed is not None else config.seed + i))
+                for i in batch
+            ])  # fmt: skip
+            ((x, _),) = model.denoise_groups([([rows[i].text for i in batch], noise, config.steps)], steps=config.steps, guidance=guidance)
+            for i, image in zip(batch, model.model_space_to_images(x).cpu()):
+                images[i] = image
+            if on_batch is not None:
+                on_batch(len(batch))
+    return torch.stack(images)  # type: ignore[arg-type]
+
+
 def _evaluate_with_judge(
-    model: DiffusionModel, concept: str, config: EvalConfig, world: World, sets: Any, progress: bool
-) -> Evaluation:
+    model: DiffusionModel, concept: str, config: EvalConfig, world: World, sets: Any, progress: bool,
+    rows: list[Any] | None = None,
+) -> Evaluation:  # fmt: skip
     """The forget rate by the judge of the concept's kind (NudeNet for nudity), with the
     literature's variants (strict labels, per-label counts) where the judge reports them; the
     retain generations are sampled for the grids, but without ground truth nothing scores them."""
     from unrelearn.judges import get_judge
 
     judge = get_judge(sets.attribute)
-    forget = cycle_captions(sets.evaluation, config.samples)
     retain = cycle_captions(sets.retain, config.samples)
     config = replace(config, guidance=model.guidance if config.guidance is None else config.guidance)
     began = time.perf_counter()
-    bar = progress_bar(2 * config.samples, f"sampling ({concept})", enabled=progress, lines=4)
+    forget_count = len(rows) if rows is not None else config.samples
+    bar = progress_bar(forget_count + config.samples, f"sampling ({concept})", enabled=progress, lines=4)
     sample = {"steps": config.steps, "guidance": config.guidance, "batch_size": config.batch_size, "on_batch": bar.update}
-    forget_images = model.sample([c.text for c in forget], seed=config.seed, **sample)
+    if rows is not None:
+        forget_texts = [row.text for row in rows]
+        forget_images = sample_rows(model, rows, config, on_batch=bar.update)
+    else:
+        forget_texts = [c.text for c in cycle_captions(sets.evaluation, config.samples)]
+        forget_images = model.sample(forget_texts, seed=config.seed, **sample)
     retain_images = retain_generations(model, retain, config, on_batch=bar.update)
     bar.close()
     report = judge.report(forget_images) if hasattr(judge, "report") else {"flags": judge.flags(forget_images)}
@@ -281,12 +317,15 @@ def _evaluate_with_judge(
         **asdict(config),
         "sampler": "DDIM eta=0, classifier-free guidance",
         "judge": judge.describe(),
-        "forget_prompts": f"{len(sets.evaluation)} evaluation prompts, sha256 {_digest([c.text for c in sets.evaluation])}",
+        "forget_prompts": (f"{len(rows)} rows of a prompt file (own seeds and guidance), sha256 {_digest(forget_texts)}"
+                           if rows is not None else
+                           f"{len(sets.evaluation)} evaluation prompts, sha256 {_digest([c.text for c in sets.evaluation])}"),
         "retain_prompts": f"{len(sets.retain)} retain prompts, sha256 {_digest([c.text for c in sets.retain])}",
         "bootstrap": "percentile, 2000 resamples, 95%",
         "versions": library_versions(),
-    }
-    return Evaluation(metrics, forget_images, [c.text for c in forget], retain_images, [c.text for c in retain])
+    }  # fmt: skip
+    metrics["samples"] = len(forget_texts)
+    return Evaluation(metrics, forget_images, forget_texts, retain_images, [c.text for c in retain])
 
 
 def shows_concept(world: World, concept: str, images: torch.Tensor) -> list[bool]:

@@ -12,8 +12,10 @@ generate`` writes one), and the quality metrics of the embedded worlds are not c
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -46,6 +48,60 @@ def read_concept_file(path: Path) -> dict:
     if not isinstance(data.get("alternative", ""), str):
         raise UnrelearnError(f"concept file {str(path)!r}: 'alternative' must be a prompt")
     return data
+
+
+@dataclass(frozen=True)
+class EvaluationPrompt:
+    """One row of an I2P-style evaluation file: the prompt with the seed and guidance its image is
+    generated with (None: the evaluation's own)."""
+
+    text: str
+    seed: int | None = None
+    guidance: float | None = None
+    categories: tuple[str, ...] = ()
+
+
+# Column names of the two CSV dialects in use: I2P's (sd_seed, sd_guidance) and the nudity
+# subsets of ESD / UnlearnDiffAtk (evaluation_seed, evaluation_guidance).
+_SEED_COLUMNS = ("evaluation_seed", "sd_seed", "seed")
+_GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance", "guidance")
+
+
+def read_prompt_csv(path: str | Path, category: str | None = None) -> list[EvaluationPrompt]:
+    """Evaluation prompts from a local CSV with a ``prompt`` column and optional seed, guidance and
+    ``categories`` (comma-separated, as I2P's) columns; ``category`` keeps the rows that name it."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames or []
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise UnrelearnError(f"cannot read prompt file {str(path)!r} ({error}); give a UTF-8 CSV with a 'prompt' column") from None
+    if "prompt" not in columns:
+        raise UnrelearnError(f"prompt file {str(path)!r} has no 'prompt' column (columns: {', '.join(columns) or 'none'})")
+    if category is not None and "categories" not in columns:
+        raise UnrelearnError(f"prompt file {str(path)!r} has no 'categories' column to select {category!r} from")
+    seed_column = next((c for c in _SEED_COLUMNS if c in columns), None)
+    guidance_column = next((c for c in _GUIDANCE_COLUMNS if c in columns), None)
+    prompts = []
+    for number, row in enumerate(rows, start=2):  # line 1 is the header
+        categories = tuple(c.strip() for c in (row.get("categories") or "").split(",") if c.strip())
+        if category is not None and category not in categories:
+            continue
+        text = (row.get("prompt") or "").strip()
+        if not text:
+            continue
+        try:
+            seed = int(float(row[seed_column])) if seed_column and row.get(seed_column, "").strip() else None
+            guidance = float(row[guidance_column]) if guidance_column and row.get(guidance_column, "").strip() else None
+        except ValueError:
+            raise UnrelearnError(f"{str(path)!r}, line {number}: {seed_column} / {guidance_column} must be numbers") from None
+        prompts.append(EvaluationPrompt(text, seed, guidance, categories))
+    if not prompts:
+        selection = f" in category {category!r}" if category else ""
+        raise UnrelearnError(f"prompt file {str(path)!r} holds no prompts{selection}")
+    return prompts
 
 
 class PromptWorld:
