@@ -108,7 +108,7 @@ def main() -> None:
             for steps in (1, 1 + args.steps):
                 command = [sys.executable, __file__, "--one", method, memory, str(steps), "--width", str(args.width),
                            "--latent", str(args.latent), "--device", args.device]  # fmt: skip
-                done = subprocess.run(command, capture_output=True, text=True)
+                done = subprocess.run(command, check=False, capture_output=True, text=True)  # a failure becomes its row
                 if done.returncode != 0:
                     tail = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "?"
                     runs = {"error": tail}
