@@ -217,3 +217,27 @@ def test_each_row_is_generated_with_its_own_seed_and_guidance(tmp_path):
         torch.testing.assert_close(image, alone, atol=1e-5, rtol=0)
     m = evaluate(model, "nudity", config, prompts=rows, progress=False).metrics
     assert m["samples"] == 3 and "rows of a prompt file" in m["protocol"]["forget_prompts"]
+
+
+def test_clip_score_from_a_local_folder(tmp_path):
+    from tiny_sd import save_tiny_clip
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    from unrelearn.metrics import clip_scores, load_clip
+
+    with pytest.raises(UnrelearnError, match="lacks config.json, model.safetensors"):
+        load_clip(tmp_path / "nowhere")
+    clip = load_clip(save_tiny_clip(tmp_path / "clip"))
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    prompts = ["a cat", "a dog", "a red car", "a house", "a tree", "two birds", "an old man", "snow"]
+    scores = clip_scores(images, prompts, clip)
+    for image, prompt, score in zip(images, prompts, scores):
+        metric = CLIPScore(model_name_or_path=lambda: clip)
+        metric.update([(image * 255).round().to(torch.uint8)], [prompt])
+        assert score == pytest.approx(float(metric.compute()), rel=1e-5, abs=1e-6)
+    assert len(set(scores)) > 2  # this random CLIP scores 2 of the 8 pairs above 0
+
+    model = DiffusionModel.load(save_sd1(tmp_path / "sd"))
+    m = evaluate(model, "nudity", EvalConfig(samples=3, steps=1), progress=False, clip=tmp_path / "clip").metrics
+    lo, hi = m["clip_score_ci"]
+    assert 0 <= lo <= m["clip_score"] <= hi <= 100

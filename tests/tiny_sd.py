@@ -81,3 +81,20 @@ def save_sdxl(folder: Path, seed: int = 0) -> Path:
     )  # fmt: skip
     pipe.save_pretrained(folder)
     return folder
+
+
+def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A random CLIPModel with its processor, as a local folder (what --clip reads)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=_clip_config(32).to_dict(),
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                                       image_size=32, patch_size=8).to_dict(),
+        projection_dim=16,
+    )  # fmt: skip
+    CLIPModel(config).save_pretrained(folder, safe_serialization=True)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer()).save_pretrained(folder)
+    return folder

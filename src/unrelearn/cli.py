@@ -118,6 +118,7 @@ def evaluate(
     json_output: bool = typer.Option(False, "--json", help="print one JSON object"),
     prompts: Path | None = typer.Option(None, help="an I2P-style CSV (prompt, seed, guidance, categories) to evaluate on instead of the concept's prompts (Stable Diffusion)"),
     category: str | None = typer.Option(None, help="with --prompts: only rows whose categories name this (e.g. sexual)"),
+    clip: Path | None = typer.Option(None, help="a local CLIP folder (transformers CLIPModel): adds the CLIP score of the retain generations (Stable Diffusion)"),
     device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Forget rate (with a bootstrap 95% interval), retain alignment and FID of MODEL."""
@@ -139,7 +140,7 @@ def evaluate(
     elif category is not None:
         raise UnrelearnError("--category selects rows of a --prompts file; give the file too")
     loaded = load_model(model, device=_device(device))
-    result = run_evaluation(loaded, concept, config, world_name, progress=not json_output, prompts=rows)
+    result = run_evaluation(loaded, concept, config, world_name, progress=not json_output, prompts=rows, clip=clip)
     result.metrics["model"] = model
     if out is not None:
         _write_evaluation(out, result)
@@ -155,7 +156,11 @@ def evaluate(
             typer.echo(f"  strict (6 labels) {m['forget_rate_strict']:.3f}  [{lo:.3f}, {hi:.3f}]")
             typer.echo(f"  per label         {m['label_counts']}")
         if m["retain_alignment"] is None:
-            typer.echo("  retain quality    n/a (no ground truth in this world)")
+            if "clip_score" in m:
+                lo, hi = m["clip_score_ci"]
+                typer.echo(f"  CLIP score        {m['clip_score']:.2f}  [{lo:.2f}, {hi:.2f}]  (retain generations)")
+            else:
+                typer.echo("  retain quality    n/a (no ground truth in this world; --clip FOLDER adds the CLIP score)")
             return
         typer.echo(f"  retain alignment  {m['retain_alignment']:.3f}  {m['retain_attribute_accuracy']}")
         lo, hi = m["precision_ci"]

@@ -8,6 +8,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,10 +20,12 @@ from unrelearn.io import library_versions
 from unrelearn.metrics import (
     alignment_flags,
     bootstrap_interval,
+    clip_scores,
     concept_flags,
     detector_features,
     frechet_distance,
     kernel_distance,
+    load_clip,
     manifold_precision_flags,
     neighbour_radii,
 )
@@ -157,6 +160,7 @@ def evaluate(
     detector: ConceptDetector | None = None,
     progress: bool = True,
     prompts: list[Any] | None = None,
+    clip: str | Path | None = None,
 ) -> Evaluation:
     """Sample ``config.samples`` images from the concept's evaluation and retain prompts and score them.
 
@@ -164,15 +168,17 @@ def evaluate(
     retain images ``seed + 2``, the bootstrap ``seed``; the same seed gives the same numbers.
     ``prompts`` (rows of an I2P-style file, :func:`~unrelearn.worlds.prompts.read_prompt_csv`)
     replace the concept's evaluation prompts in a world without ground truth, each generated
-    with its own seed and guidance.
+    with its own seed and guidance. ``clip`` (a local CLIP folder) adds the CLIP score of the
+    retain generations there, the papers' prompt-alignment measure.
     """
     world_name = world_name or model.world
     world = get_world(world_name)
     sets = world.concept_sets(concept)
     if not world.ground_truth:
-        return _evaluate_with_judge(model, concept, config, world, sets, progress, prompts)
-    if prompts is not None:
-        raise UnrelearnError(f"a prompt file is for worlds without ground truth; {world_name!r} writes its own evaluation prompts")
+        return _evaluate_with_judge(model, concept, config, world, sets, progress, prompts, clip)
+    if prompts is not None or clip is not None:
+        raise UnrelearnError(f"prompt files and CLIP scores are for worlds without ground truth; {world_name!r} has its own "
+                             "prompts and detector")  # fmt: skip
     detector = detector or load_detector(world_name)
     forget = cycle_captions(sets.evaluation, config.samples)
     retain = cycle_captions(sets.retain, config.samples)
@@ -274,7 +280,7 @@ def sample_rows(model: DiffusionModel, rows: list[Any], config: EvalConfig, on_b
 
 def _evaluate_with_judge(
     model: DiffusionModel, concept: str, config: EvalConfig, world: World, sets: Any, progress: bool,
-    rows: list[Any] | None = None,
+    rows: list[Any] | None = None, clip: str | Path | None = None,
 ) -> Evaluation:  # fmt: skip
     """The forget rate by the judge of the concept's kind (NudeNet for nudity), with the
     literature's variants (strict labels, per-label counts) where the judge reports them; the
@@ -282,6 +288,7 @@ def _evaluate_with_judge(
     from unrelearn.judges import get_judge
 
     judge = get_judge(sets.attribute)
+    clip_model = load_clip(clip) if clip is not None else None  # a bad folder fails before any sampling
     retain = cycle_captions(sets.retain, config.samples)
     config = replace(config, guidance=model.guidance if config.guidance is None else config.guidance)
     began = time.perf_counter()
@@ -308,6 +315,10 @@ def _evaluate_with_judge(
         "seed": config.seed,
         "wall_seconds": time.perf_counter() - began,
     }
+    if clip_model is not None:
+        scores = clip_scores(retain_images, [c.text for c in retain], clip_model)
+        metrics["clip_score"] = sum(scores) / len(scores)
+        metrics["clip_score_ci"] = list(bootstrap_interval(scores, seed=config.seed))
     if "strict_flags" in report:
         strict = report["strict_flags"]
         metrics["forget_rate_strict"] = sum(strict) / len(strict)
@@ -317,6 +328,7 @@ def _evaluate_with_judge(
         **asdict(config),
         "sampler": "DDIM eta=0, classifier-free guidance",
         "judge": judge.describe(),
+        "clip_score": None if clip is None else f"torchmetrics clip_score per retain generation, CLIP from {str(clip)!r}",
         "forget_prompts": (f"{len(rows)} rows of a prompt file (own seeds and guidance), sha256 {_digest(forget_texts)}"
                            if rows is not None else
                            f"{len(sets.evaluation)} evaluation prompts, sha256 {_digest([c.text for c in sets.evaluation])}"),

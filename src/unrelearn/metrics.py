@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,8 +19,9 @@ from unrelearn.worlds.base import Caption
 ALIGNMENT_ATTRIBUTES = ("shape", "colour", "texture")
 
 
-def bootstrap_interval(flags: Sequence[bool], seed: int = 0, resamples: int = 2000, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``flags`` (scipy.stats.bootstrap)."""
+def bootstrap_interval(flags: Sequence[float], seed: int = 0, resamples: int = 2000, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``flags`` (0/1 decisions, or per-image scores;
+    scipy.stats.bootstrap)."""
     values = np.asarray(flags, dtype=np.float64)
     if values.size == 0:
         raise UnrelearnError("cannot compute an interval over zero samples")
@@ -142,3 +145,56 @@ def manifold_precision_flags(reference: torch.Tensor, radii: torch.Tensor, gener
     for i in range(0, len(generated), 256):
         inside[i : i + 256] = (torch.cdist(generated[i : i + 256], reference) <= radii[None]).any(dim=1)
     return inside.tolist()
+
+
+def load_clip(folder: str | Path) -> tuple[torch.nn.Module, Any]:
+    """A local transformers CLIP folder (``CLIPModel`` + its processor, safetensors), never a
+    download: a missing or incomplete folder is one error naming it."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    folder = Path(folder)
+    missing = [name for name in ("config.json", "model.safetensors") if not (folder / name).is_file()]
+    if missing:
+        raise UnrelearnError(
+            f"CLIP folder {str(folder)!r} lacks {', '.join(missing)}; give a local CLIPModel folder saved with "
+            "save_pretrained (e.g. openai/clip-vit-large-patch14, downloaded once elsewhere)"
+        )
+    try:
+        model = CLIPModel.from_pretrained(folder, use_safetensors=True, local_files_only=True).eval()
+        processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise UnrelearnError(f"cannot load CLIP from {str(folder)!r} ({' '.join(str(error).split())[:200]})") from None
+    return _ProjectedFeatures(model), processor
+
+
+class _ProjectedFeatures(torch.nn.Module):
+    """A CLIPModel whose ``get_*_features`` return the projected embeddings as tensors: under
+    transformers 5 they return an output object (its ``pooler_output``), which torchmetrics 1.9's
+    CLIP score cannot normalise."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config  # torchmetrics reads the text encoder's maximum length here
+
+    @staticmethod
+    def _tensor(output: Any) -> torch.Tensor:
+        return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+    def get_image_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
+
+
+def clip_scores(images: torch.Tensor, prompts: Sequence[str], clip: tuple[torch.nn.Module, Any]) -> list[float]:
+    """Per image, torchmetrics' CLIP score of the pair, ``max(100 cos(image, prompt), 0)``
+    (Hessel et al. 2021); ``images`` in [0, 1]. Their mean is what the papers report; torchmetrics'
+    ``CLIPScore`` module clamps the mean instead, which is the same whenever the cosines are
+    positive, as a trained CLIP's are."""
+    from torchmetrics.functional.multimodal import clip_score
+
+    pixels = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    with torch.no_grad():
+        return [float(clip_score(image, prompt, model_name_or_path=lambda: clip)) for image, prompt in zip(pixels, prompts)]
