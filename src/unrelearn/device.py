@@ -7,12 +7,22 @@ import torch
 from unrelearn.errors import UnrelearnError
 
 
+def accelerate_state():
+    """accelerate's process state, created the same way wherever it is first asked for: on a
+    machine without a GPU a ``torchrun`` / ``accelerate launch`` run is data parallel over CPU
+    processes (gloo), which accelerate only sets up when told ``cpu=True``."""
+    import os
+
+    from accelerate import PartialState
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return PartialState(cpu=launched and not torch.cuda.is_available())
+
+
 def resolve_device(name: str | None) -> torch.device:
     """``None``: the accelerator accelerate picks (a GPU when there is one, else the CPU)."""
     if name is None:
-        from accelerate import PartialState
-
-        return torch.device(PartialState().device)
+        return torch.device(accelerate_state().device)
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):

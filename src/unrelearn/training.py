@@ -96,8 +96,47 @@ class TrainResult:
         return {key: sum(row[key] for row in tail) / len(tail) for key in tail[-1] if key != "step"}
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The randomness of one step; each process of a multi-process run draws its own batch (rank
+    0 draws what a single process would)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + rank * 7_919_117_003)
+
+
+class Processes:
+    """The processes of a run launched with ``accelerate launch`` / ``torchrun`` (data parallel),
+    or the one process of a plain run. Gradients are averaged over them after every backward
+    pass, so every process applies the same update and holds the same weights; only the main
+    process writes checkpoints and outputs."""
+
+    def __init__(self) -> None:
+        from unrelearn.device import accelerate_state
+
+        self.state = accelerate_state()
+        self.count = self.state.num_processes
+        self.rank = self.state.process_index
+        self.main = self.state.is_main_process
+
+    def mean_gradients(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        if self.count == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+        flat = torch.cat([g.reshape(-1) for g in grads]) / self.count
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params.values(), grads):
+            p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.count == 1:
+            return value
+        value = value.detach().clone().reshape(1).float()
+        torch.distributed.all_reduce(value)
+        return value[0] / self.count
+
+    def wait(self) -> None:
+        if self.count > 1:
+            self.state.wait_for_everyone()
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -192,11 +231,20 @@ class Trainer:
             {name: p.detach().clone() for name, p in self.params.items()} if config.ema_decay else None
         )
         self.initial_norm: float | None = None
+        self.processes = Processes()
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int, losses: list[dict[str, float]]) -> None:
         if self.checkpoint_dir is None:
             return
+        if not self.processes.main:
+            self.processes.wait()
+            return
+        self._write_checkpoint(step, losses)
+        self.processes.wait()
+
+    def _write_checkpoint(self, step: int, losses: list[dict[str, float]]) -> None:
+        assert self.checkpoint_dir is not None
         with atomic_directory(self.checkpoint_dir) as tmp:
             save_file({n: p.detach().contiguous() for n, p in self.params.items()}, str(tmp / "params.safetensors"))
             if self.ema is not None:
@@ -284,17 +332,19 @@ class Trainer:
         if self.initial_norm is None:
             self.initial_norm = self._parameter_norm()
         heading = f"{self.description}: {config.steps} steps" + (f", resuming at step {start}" if resumed_from else "")
-        bar = progress_bar(config.steps, self.description, enabled=self.progress, initial=start, heading=heading)
+        processes = self.processes
+        bar = progress_bar(config.steps, self.description, enabled=self.progress and processes.main, initial=start, heading=heading)
         if self.on_start is not None:
             self.on_start(start)
         began = time.perf_counter()
         last_checkpoint = start if resumed_from is not None else None
         for step in range(start, config.steps):
-            out = self.loss_fn(step, step_generator(config.seed, step))
+            out = self.loss_fn(step, step_generator(config.seed, step, processes.rank))
             terms = dict(out) if isinstance(out, Mapping) else {"loss": out}
             extra_grads = terms.pop("grads", None) or {}
             loss = terms["loss"]
-            if not torch.isfinite(loss):
+            # Checked on the mean over processes, so that all of them stop together.
+            if not torch.isfinite(processes.mean(loss)):
                 raise self._blow_up(step, f"the loss became {loss.item()}", last_checkpoint)
             self.optimizer.zero_grad(set_to_none=True)
             if loss.requires_grad:
@@ -302,6 +352,7 @@ class Trainer:
             for name, grad in extra_grads.items():
                 p = self.params[name]
                 p.grad = grad.detach().clone() if p.grad is None else p.grad + grad.detach()
+            processes.mean_gradients(self.params)
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(list(self.params.values()), config.grad_clip)
             self.optimizer.step()
@@ -320,6 +371,8 @@ class Trainer:
                     for name, p in self.params.items():
                         self.ema[name].lerp_(p.detach(), 1 - decay)
             row = {"step": step, **{k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in terms.items()}}
+            if processes.count > 1:
+                row["loss"] = float(processes.mean(terms["loss"]))
             losses.append(row)
             bar.update(1, loss=row["loss"])
             if self.on_step is not None:

@@ -128,6 +128,10 @@ def attack(
     step-0 evaluation: a benchmark evaluates each model once, not once per attack.
     """
     out = Path(out)
+    from unrelearn.training import Processes
+
+    if Processes().count > 1:
+        raise UnrelearnError("attacks run in one process (their evaluations are not split); launch without accelerate/torchrun")
     ensure_writable_parent(out)
     world = get_world(model.world)
     sets = world.concept_sets(concept)

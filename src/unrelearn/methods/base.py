@@ -26,7 +26,7 @@ from unrelearn.errors import UnrelearnError
 from unrelearn.io import ensure_writable_parent, library_versions, output_lock
 from unrelearn.model import DiffusionModel, copy_unet, differentiable_attention
 from unrelearn.options import NonNegativeFloat, NonNegativeInt, Options, PositiveFloat, PositiveInt, check_options
-from unrelearn.training import OptimizerName, TrainConfig, Trainer, parameter_digest
+from unrelearn.training import OptimizerName, Processes, TrainConfig, Trainer, parameter_digest
 from unrelearn.worlds import ConceptSets, World, get_world
 from unrelearn.worlds.base import Caption
 
@@ -289,7 +289,9 @@ def unlearn(
     if out is not None:
         out = Path(out)
         ensure_writable_parent(out)
-    with output_lock(out) if out is not None else contextlib.nullcontext():
+    # In a multi-process run the main process owns the output (the others hold the same weights).
+    owner = out is not None and Processes().main
+    with output_lock(out) if owner else contextlib.nullcontext():
         return _unlearn(model, cls, method, concept, world, sets, config, out, progress, resume)
 
 
@@ -345,13 +347,16 @@ def _unlearn(
     record["device"] = str(model.device)
     record["versions"] = library_versions()
     model.info["unlearned"] = {"method": method, "concept": concept}
-    if out is not None:
+    processes = Processes()
+    record["processes"] = processes.count
+    if out is not None and processes.main:
         extra: dict[str, Any] = {"run.json": record}
         if record.get("loss_curve"):
             extra["training.png"] = plot_training_curves(record["loss_curve"], title=f"{method} on {concept!r}")
         model.save(out, extra_files=extra)
         if checkpoints is not None:
             shutil.rmtree(checkpoints, ignore_errors=True)
+    processes.wait()
     return record
 
 
