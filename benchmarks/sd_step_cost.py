@@ -11,7 +11,7 @@ The published reference point: ResAlign reports a 56 GB peak on an A100 for SD v
 rank-4 LoRA, 512x512 images = 64x64 latents).
 
     python benchmarks/sd_step_cost.py --device cuda                 # the real size, on a GPU
-    python benchmarks/sd_step_cost.py --device cpu --width 0.2 --latent 32   # CPU ratios
+    python benchmarks/sd_step_cost.py --device cpu --width 0.2 --latent 32 --ddim-steps 10   # CPU ratios
 
 The UNet is SD v1.4's (4 levels, 2 layers each, cross-attention dim 768, 8 heads); ``--width``
 scales its channels (1 = 320/640/1280/1280). The text encoder is a one-layer random CLIP of width
@@ -68,7 +68,7 @@ def build_model(width: float, latent: int, device: str):
     return DiffusionModel(unet, encoder, tokenizer, scheduler).to(device)
 
 
-def run_one(method_label: str, memory_label: str, steps: int, width: float, latent: int, device: str) -> dict:
+def run_one(method_label: str, memory_label: str, steps: int, width: float, latent: int, device: str, ddim_steps: int | None) -> dict:
     import torch
 
     from unrelearn.methods import unlearn
@@ -80,6 +80,8 @@ def run_one(method_label: str, memory_label: str, steps: int, width: float, late
         torch.cuda.reset_peak_memory_stats()
     began = time.perf_counter()
     overrides = options | MEMORY[memory_label] | {"steps": steps, "checkpoint_every": 0}
+    if ddim_steps is not None and method != "resalign":
+        overrides["ddim_steps"] = ddim_steps
     record = unlearn(model, method, "nudity", overrides=overrides, progress=False)
     return {"wall_seconds": time.perf_counter() - began, "peak_bytes": record["peak_memory_bytes"], "unet_parameters": parameters}
 
@@ -93,14 +95,17 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
     parser.add_argument("--memory", default=",".join(MEMORY), help="comma-separated, from: " + ", ".join(MEMORY))
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--ddim-steps", type=int, help="ESD's sampler steps for x_t (default: the paper's 50); "
+                        "fewer keep a CPU run short, at the price of a smaller share of sampling in ESD's step")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "MEMORY", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], int(args.one[2]), args.width, args.latent, args.device)))
+        print(json.dumps(run_one(args.one[0], args.one[1], int(args.one[2]), args.width, args.latent, args.device, args.ddim_steps)))
         return
 
     rows = []
-    print(f"SD v1.4 UNet architecture, width x{args.width}, {args.latent}x{args.latent} latents, device {args.device}", flush=True)
+    print(f"SD v1.4 UNet architecture, width x{args.width}, {args.latent}x{args.latent} latents, device {args.device}, "
+          f"ESD x_t sampler {args.ddim_steps or 50} steps", flush=True)  # fmt: skip
     print(f"{'method':<28} {'memory option':<20} {'s/step':>8} {'peak GiB':>9}", flush=True)
     for method in args.methods.split(","):
         for memory in args.memory.split(","):
@@ -108,6 +113,8 @@ def main() -> None:
             for steps in (1, 1 + args.steps):
                 command = [sys.executable, __file__, "--one", method, memory, str(steps), "--width", str(args.width),
                            "--latent", str(args.latent), "--device", args.device]  # fmt: skip
+                if args.ddim_steps is not None:
+                    command += ["--ddim-steps", str(args.ddim_steps)]
                 done = subprocess.run(command, check=False, capture_output=True, text=True)  # a failure becomes its row
                 if done.returncode != 0:
                     tail = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "?"

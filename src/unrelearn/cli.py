@@ -447,7 +447,7 @@ def concepts(
     for name in ("evaluation", "hrm_s", "hrm_m", "clean", "related", "retain"):
         captions = getattr(sets, name)
         typer.echo(f"{name} ({len(captions)}): " + "; ".join(c.text for c in captions[:6]) + (" ..." if len(captions) > 6 else ""))
-    typer.echo(f"related concepts: {', '.join(sets.related_concepts)}; alternative: {sets.alternative}")
+    typer.echo(f"related concepts: {', '.join(sets.related_concepts) or 'none named'}; alternative: {sets.alternative or 'none'}")
 
 
 @app.command()
