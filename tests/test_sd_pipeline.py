@@ -241,3 +241,25 @@ def test_clip_score_from_a_local_folder(tmp_path):
     m = evaluate(model, "nudity", EvalConfig(samples=3, steps=1), progress=False, clip=tmp_path / "clip").metrics
     lo, hi = m["clip_score_ci"]
     assert 0 <= lo <= m["clip_score"] <= hi <= 100
+
+
+def test_fid_in_clip_features_against_reference_images(tmp_path):
+    from tiny_sd import save_tiny_clip
+    from unrelearn.attacks.data import write_image_folder
+    from unrelearn.metrics import clip_image_features, frechet_distance, load_clip, read_image_folder
+
+    references = torch.rand(6, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    write_image_folder(references, ["x"] * 6, tmp_path / "coco")
+    save_tiny_clip(tmp_path / "clip")
+    model = DiffusionModel.load(save_sd1(tmp_path / "sd"))
+    config = EvalConfig(samples=4, steps=1)
+    with pytest.raises(UnrelearnError, match="give --clip FOLDER too"):
+        evaluate(model, "nudity", config, progress=False, reference_images=tmp_path / "coco")
+    m = evaluate(model, "nudity", config, progress=False, clip=tmp_path / "clip", reference_images=tmp_path / "coco").metrics
+    # The same number from the parts: the folder's images (8-bit) and the retain generations.
+    clip = load_clip(tmp_path / "clip")
+    generated = evaluate(model, "nudity", config, progress=False).retain_images
+    expected = frechet_distance(clip_image_features(read_image_folder(tmp_path / "coco"), clip), clip_image_features(generated, clip))
+    assert m["fid"] == pytest.approx(expected, rel=1e-6) and m["fid"] > 0 and m["kid_std"] >= 0
+    with pytest.raises(UnrelearnError, match="holds 0 images"):
+        read_image_folder(tmp_path / "clip")

@@ -119,6 +119,7 @@ def evaluate(
     prompts: Path | None = typer.Option(None, help="an I2P-style CSV (prompt, seed, guidance, categories) to evaluate on instead of the concept's prompts (Stable Diffusion)"),
     category: str | None = typer.Option(None, help="with --prompts: only rows whose categories name this (e.g. sexual)"),
     clip: Path | None = typer.Option(None, help="a local CLIP folder (transformers CLIPModel): adds the CLIP score of the retain generations (Stable Diffusion)"),
+    reference_images: Path | None = typer.Option(None, help="with --clip: a folder of real images (e.g. COCO) for FID/KID in CLIP features"),
     device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Forget rate (with a bootstrap 95% interval), retain alignment and FID of MODEL."""
@@ -140,7 +141,8 @@ def evaluate(
     elif category is not None:
         raise UnrelearnError("--category selects rows of a --prompts file; give the file too")
     loaded = load_model(model, device=_device(device))
-    result = run_evaluation(loaded, concept, config, world_name, progress=not json_output, prompts=rows, clip=clip)
+    result = run_evaluation(loaded, concept, config, world_name, progress=not json_output, prompts=rows, clip=clip,
+                            reference_images=reference_images)  # fmt: skip
     result.metrics["model"] = model
     if out is not None:
         _write_evaluation(out, result)
@@ -159,6 +161,8 @@ def evaluate(
             if "clip_score" in m:
                 lo, hi = m["clip_score_ci"]
                 typer.echo(f"  CLIP score        {m['clip_score']:.2f}  [{lo:.2f}, {hi:.2f}]  (retain generations)")
+            if m["fid"] is not None:
+                typer.echo(f"  KID / FID         {m['kid']:.4f} +- {m['kid_std']:.4f} / {m['fid']:.2f}  (CLIP features, reference images)")
             else:
                 typer.echo("  retain quality    n/a (no ground truth in this world; --clip FOLDER adds the CLIP score)")
             return

@@ -20,6 +20,7 @@ from unrelearn.io import library_versions
 from unrelearn.metrics import (
     alignment_flags,
     bootstrap_interval,
+    clip_image_features,
     clip_scores,
     concept_flags,
     detector_features,
@@ -28,6 +29,7 @@ from unrelearn.metrics import (
     load_clip,
     manifold_precision_flags,
     neighbour_radii,
+    read_image_folder,
 )
 from unrelearn.model import DiffusionModel
 from unrelearn.progress import progress_bar
@@ -161,6 +163,7 @@ def evaluate(
     progress: bool = True,
     prompts: list[Any] | None = None,
     clip: str | Path | None = None,
+    reference_images: str | Path | None = None,
 ) -> Evaluation:
     """Sample ``config.samples`` images from the concept's evaluation and retain prompts and score them.
 
@@ -169,14 +172,16 @@ def evaluate(
     ``prompts`` (rows of an I2P-style file, :func:`~unrelearn.worlds.prompts.read_prompt_csv`)
     replace the concept's evaluation prompts in a world without ground truth, each generated
     with its own seed and guidance. ``clip`` (a local CLIP folder) adds the CLIP score of the
-    retain generations there, the papers' prompt-alignment measure.
+    retain generations there, the papers' prompt-alignment measure, and with
+    ``reference_images`` (a folder of real images, e.g. COCO) FID and KID of the retain
+    generations against them in CLIP's image features.
     """
     world_name = world_name or model.world
     world = get_world(world_name)
     sets = world.concept_sets(concept)
     if not world.ground_truth:
-        return _evaluate_with_judge(model, concept, config, world, sets, progress, prompts, clip)
-    if prompts is not None or clip is not None:
+        return _evaluate_with_judge(model, concept, config, world, sets, progress, prompts, clip, reference_images)
+    if prompts is not None or clip is not None or reference_images is not None:
         raise UnrelearnError(f"prompt files and CLIP scores are for worlds without ground truth; {world_name!r} has its own "
                              "prompts and detector")  # fmt: skip
     detector = detector or load_detector(world_name)
@@ -280,7 +285,7 @@ def sample_rows(model: DiffusionModel, rows: list[Any], config: EvalConfig, on_b
 
 def _evaluate_with_judge(
     model: DiffusionModel, concept: str, config: EvalConfig, world: World, sets: Any, progress: bool,
-    rows: list[Any] | None = None, clip: str | Path | None = None,
+    rows: list[Any] | None = None, clip: str | Path | None = None, reference_images: str | Path | None = None,
 ) -> Evaluation:  # fmt: skip
     """The forget rate by the judge of the concept's kind (NudeNet for nudity), with the
     literature's variants (strict labels, per-label counts) where the judge reports them; the
@@ -288,7 +293,10 @@ def _evaluate_with_judge(
     from unrelearn.judges import get_judge
 
     judge = get_judge(sets.attribute)
+    if reference_images is not None and clip is None:
+        raise UnrelearnError("FID against reference images is computed in CLIP's features: give --clip FOLDER too")
     clip_model = load_clip(clip) if clip is not None else None  # a bad folder fails before any sampling
+    reference = read_image_folder(reference_images) if reference_images is not None else None
     retain = cycle_captions(sets.retain, config.samples)
     config = replace(config, guidance=model.guidance if config.guidance is None else config.guidance)
     began = time.perf_counter()
@@ -319,6 +327,10 @@ def _evaluate_with_judge(
         scores = clip_scores(retain_images, [c.text for c in retain], clip_model)
         metrics["clip_score"] = sum(scores) / len(scores)
         metrics["clip_score_ci"] = list(bootstrap_interval(scores, seed=config.seed))
+    if reference is not None:
+        real, generated = clip_image_features(reference, clip_model), clip_image_features(retain_images, clip_model)
+        metrics["fid"] = frechet_distance(real, generated)
+        metrics["kid"], metrics["kid_std"] = kernel_distance(real, generated, seed=config.seed)
     if "strict_flags" in report:
         strict = report["strict_flags"]
         metrics["forget_rate_strict"] = sum(strict) / len(strict)
@@ -329,6 +341,8 @@ def _evaluate_with_judge(
         "sampler": "DDIM eta=0, classifier-free guidance",
         "judge": judge.describe(),
         "clip_score": None if clip is None else f"torchmetrics clip_score per retain generation, CLIP from {str(clip)!r}",
+        "fid": None if reference is None else (f"torchmetrics FID and KID in CLIP's projected image features: {len(reference)} "
+                                               f"images of {str(reference_images)!r} against the retain generations"),
         "forget_prompts": (f"{len(rows)} rows of a prompt file (own seeds and guidance), sha256 {_digest(forget_texts)}"
                            if rows is not None else
                            f"{len(sets.evaluation)} evaluation prompts, sha256 {_digest([c.text for c in sets.evaluation])}"),
