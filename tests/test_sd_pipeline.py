@@ -245,6 +245,7 @@ def test_clip_score_from_a_local_folder(tmp_path):
 
 def test_fid_in_clip_features_against_reference_images(tmp_path):
     from tiny_sd import save_tiny_clip
+
     from unrelearn.attacks.data import write_image_folder
     from unrelearn.metrics import clip_image_features, frechet_distance, load_clip, read_image_folder
 
@@ -263,3 +264,27 @@ def test_fid_in_clip_features_against_reference_images(tmp_path):
     assert m["fid"] == pytest.approx(expected, rel=1e-6) and m["fid"] > 0 and m["kid_std"] >= 0
     with pytest.raises(UnrelearnError, match="holds 0 images"):
         read_image_folder(tmp_path / "clip")
+
+
+def test_training_images_without_ground_truth_are_a_fixed_generated_set(tmp_path, monkeypatch):
+    """Methods that train on images (meta, SalUn, EraseDiff, ...) draw them from a few
+    generations of theta* per prompt, made once, not from fresh samples every step."""
+    from unrelearn.methods import resolve_method
+    from unrelearn.worlds.base import Caption
+
+    model = DiffusionModel.load(save_sd1(tmp_path / "sd"))
+    cls, variant = resolve_method("meta:esd-u-1")
+    method = cls(model, get_world("prompts").concept_sets("nudity"), cls.Config(**(variant | {"generated_per_prompt": 3})))
+    calls = []
+    denoise = model.denoise
+    monkeypatch.setattr(model, "denoise", lambda prompts, **kw: calls.append(len(prompts)) or denoise(prompts, **kw))
+    captions = [Caption("a cat"), Caption("a dog"), Caption("a cat")]
+    first = method.images(captions, torch.Generator().manual_seed(0))
+    again = method.images(captions * 4, torch.Generator().manual_seed(1))
+    assert calls == [3, 3]  # one batch of 3 per distinct prompt, ever
+    assert first.shape == (3, 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
+    pool = method._generated("a cat", 3)
+    assert all(any(torch.equal(image, p) for p in pool) for image in again[::3])
+    # The same set in a fresh method (a resumed run).
+    fresh = cls(model, get_world("prompts").concept_sets("nudity"), cls.Config(**(variant | {"generated_per_prompt": 3})))
+    assert torch.equal(fresh._generated("a cat", 3), pool)

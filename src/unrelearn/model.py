@@ -153,7 +153,7 @@ class DiffusionModel:
             # met inside differentiable_attention() would otherwise be cached with the math
             # kernel's rounding, and results would depend on where a run met it first (a
             # resumed ResAlign run did).
-            with _default_attention():
+            with default_attention():
                 hidden = self._encode(list(missing)) if self.text_encoder_2 is None else self._encode_sdxl(list(missing))
             for prompt, embedding in zip(missing, hidden):
                 self._prompt_cache[prompt] = embedding
@@ -636,7 +636,7 @@ def differentiable_attention() -> Iterator[None]:
 
 
 @contextmanager
-def _default_attention() -> Iterator[None]:
+def default_attention() -> Iterator[None]:
     """Every scaled-dot-product attention backend enabled, torch's own choice among them."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import re
 import shutil
 import time
@@ -24,7 +25,7 @@ from diffusers.training_utils import free_memory
 
 from unrelearn.errors import UnrelearnError
 from unrelearn.io import ensure_writable_parent, library_versions, output_lock
-from unrelearn.model import DiffusionModel, copy_unet, differentiable_attention
+from unrelearn.model import DiffusionModel, copy_unet, default_attention, differentiable_attention
 from unrelearn.options import NonNegativeFloat, NonNegativeInt, Options, PositiveFloat, PositiveInt, check_options
 from unrelearn.training import OptimizerName, Processes, TrainConfig, Trainer, parameter_digest
 from unrelearn.worlds import ConceptSets, World, get_world
@@ -77,6 +78,10 @@ class OptimizationConfig(MethodConfig):
     # optimizer state and gradients stay float32; fp16 would need loss scaling: not offered).
     gradient_checkpointing: bool = False
     mixed_precision: Literal["no", "bf16"] = "no"
+    # Without ground-truth images (Stable Diffusion) the training images of a prompt are this
+    # many generations of the frozen original model, made once and drawn from (the papers train
+    # on data sets generated before training, not on fresh samples every step).
+    generated_per_prompt: PositiveInt = 8
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -108,6 +113,7 @@ class Method(ABC):
         # theta* is copied here, before a trainer can load a checkpoint into the live weights: a
         # resumed run must erase against the original model, not against its own partial result.
         self._teacher: torch.nn.Module | None = copy_unet(model.unet) if self.needs_teacher() else None
+        self._generated_pool: dict[str, torch.Tensor] = {}
 
     def needs_teacher(self) -> bool:
         """ESD-style targets read theta*; without a world, training images are theta*'s samples too."""
@@ -154,8 +160,23 @@ class Method(ABC):
         if self.world is not None:
             images, _ = self.world.render(captions, generator)
             return self.model.images_to_model_space(images)
-        x, _ = self.model.denoise([c.text for c in captions], steps=50, guidance=7.5, generator=generator, unet=self.teacher)
-        return x
+        count = getattr(self.config, "generated_per_prompt", 8)
+        picks = torch.randint(count, (len(captions),), generator=generator).tolist()
+        return torch.stack([self._generated(c.text, count)[i] for c, i in zip(captions, picks)])
+
+    def _generated(self, prompt: str, count: int) -> torch.Tensor:
+        """``count`` samples of theta* for ``prompt`` (model space), generated when the prompt is
+        first met from a seed of the prompt and the method's seed, so a resumed run regenerates
+        exactly the same set."""
+        if prompt not in self._generated_pool:
+            seed = int(hashlib.sha256(f"{self.config.seed}:{prompt}".encode()).hexdigest()[:15], 16)
+            # Under torch's own attention choice wherever the prompt is first met (inside an exact
+            # meta step's math-kernel context or not), so the set does not depend on the call site.
+            with default_attention():
+                x, _ = self.model.denoise([prompt] * count, steps=50, guidance=7.5,
+                                          generator=torch.Generator().manual_seed(seed), unet=self.teacher)  # fmt: skip
+            self._generated_pool[prompt] = x
+        return self._generated_pool[prompt]
 
     @property
     def teacher(self) -> torch.nn.Module:
@@ -362,7 +383,7 @@ def _unlearn(
 
 # Options added after checkpoints were first written: at these values a run is what it was
 # before they existed, so they stay out of a checkpoint's settings (older checkpoints resume).
-_LATER_OPTIONS = {"gradient_checkpointing": False, "mixed_precision": "no"}
+_LATER_OPTIONS = {"gradient_checkpointing": False, "mixed_precision": "no", "generated_per_prompt": 8}
 
 
 def _checkpoint_config(config: Any) -> dict[str, Any]:
