@@ -16,7 +16,9 @@ rank-4 LoRA, 512x512 images = 64x64 latents).
 The UNet is SD v1.4's (4 levels, 2 layers each, cross-attention dim 768, 8 heads); ``--width``
 scales its channels (1 = 320/640/1280/1280). The text encoder is a one-layer random CLIP of width
 768 (its cost is not what is measured); there is no VAE, so the UNet runs on 4-channel
-64x64 "latents" directly, which is what it costs inside SD.
+64x64 "latents" directly, which is what it costs inside SD. The training images that methods
+generate once per prompt with the original model (set-up, minutes per prompt on a CPU) are
+random latents here; ESD's own x_t sampling, part of its every step, is measured.
 """
 
 from __future__ import annotations
@@ -73,6 +75,17 @@ def run_one(method_label: str, memory_label: str, steps: int, width: float, late
 
     from unrelearn.methods import unlearn
 
+    from unrelearn.methods.base import Method
+
+    # The training images of a world without ground truth are generated once per prompt before
+    # they are first used (set-up, not a per-step cost, and minutes per prompt on a CPU): random
+    # latents of the same shape stand in, so the timed steps measure training alone.
+    def random_pool(self, prompt: str, count: int) -> torch.Tensor:
+        if prompt not in self._generated_pool:
+            self._generated_pool[prompt] = torch.randn(self.model.sample_shape(count)).to(self.model.device)
+        return self._generated_pool[prompt]
+
+    Method._generated = random_pool
     method, options = METHODS[method_label]
     model = build_model(width, latent, device)
     parameters = sum(p.numel() for p in model.unet.parameters())
