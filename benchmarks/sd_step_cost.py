@@ -74,7 +74,6 @@ def run_one(method_label: str, memory_label: str, steps: int, width: float, late
     import torch
 
     from unrelearn.methods import unlearn
-
     from unrelearn.methods.base import Method
 
     # The training images of a world without ground truth are generated once per prompt before
