@@ -55,7 +55,12 @@ def rows(folder: Path) -> dict[str, tuple]:
 def test_presets_expand_to_checked_cells():
     assert {"quick", "table1", "durability", "resalign", "dimra", "adaptive"} <= set(preset_names())
     for name in preset_names():
-        cells = expand(load_preset(name))
+        preset = load_preset(name)
+        if preset.get("model", "builtin:shapes") is None:  # a Stable Diffusion preset: the user's folder
+            with pytest.raises(UnrelearnError, match="pass --model FOLDER"):
+                expand(preset)
+            preset = preset | {"model": "/data/stable-diffusion-v1-4"}
+        cells = expand(preset)
         assert cells and len({c.key for c in cells}) == len(cells)
     grid = TINY | {"attacks": [{"data": ["hrm-m", "clean"], "lr": [1e-5, 1e-4], "mode": ["full", "lora"], "steps": 10}],
                    "seeds": [0, 1]}  # fmt: skip
