@@ -246,8 +246,8 @@ def test_clip_score_from_a_local_folder(tmp_path):
 def test_fid_in_clip_features_against_reference_images(tmp_path):
     from tiny_sd import save_tiny_clip
 
-    from unrelearn.attacks.data import write_image_folder
-    from unrelearn.metrics import clip_image_features, frechet_distance, load_clip, read_image_folder
+    from unrelearn.attacks.data import read_image_folder, write_image_folder
+    from unrelearn.metrics import clip_image_features, frechet_distance, load_clip
 
     references = torch.rand(6, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
     write_image_folder(references, ["x"] * 6, tmp_path / "coco")

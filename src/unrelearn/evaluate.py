@@ -29,7 +29,6 @@ from unrelearn.metrics import (
     load_clip,
     manifold_precision_flags,
     neighbour_radii,
-    read_image_folder,
 )
 from unrelearn.model import DiffusionModel
 from unrelearn.progress import progress_bar
@@ -254,8 +253,8 @@ def evaluate(
     return Evaluation(metrics, forget_images, [c.text for c in forget], retain_images, [c.text for c in retain])
 
 
-# Metrics a world without ground truth cannot compute without the user's weights (CLIP,
-# Inception): present in every evaluation, None there.
+# Metrics a world without ground truth cannot compute (FID and KID only against the user's
+# reference images, in CLIP's features): present in every evaluation, None there.
 GROUND_TRUTH_METRICS = ("retain_alignment", "retain_alignment_ci", "precision", "precision_ci", "fid", "kid", "kid_std")
 
 
@@ -290,6 +289,7 @@ def _evaluate_with_judge(
     """The forget rate by the judge of the concept's kind (NudeNet for nudity), with the
     literature's variants (strict labels, per-label counts) where the judge reports them; the
     retain generations are sampled for the grids, but without ground truth nothing scores them."""
+    from unrelearn.attacks.data import read_image_folder  # attacks import this module
     from unrelearn.judges import get_judge
 
     judge = get_judge(sets.attribute)

@@ -13,9 +13,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unrelearn.errors import UnrelearnError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI's error paths stay fast
+    import torch
 
 
 def ensure_writable_parent(path: Path) -> None:
@@ -194,3 +197,10 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[package] = "not installed"
     return versions
+
+
+def uint8_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as the 8-bit values an image file holds (rounded, on the CPU, same layout)."""
+    import torch
+
+    return (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from unrelearn.errors import UnrelearnError
+from unrelearn.io import uint8_pixels
 
 # The 9 exposed-body labels of UnlearnDiffAtk / AdvUnlearn / ResAlign (any above 0.45 = nude);
 # the first 6 are the "strict" variant the literature also reports (../shared/LIBRARIES.md (a)).
@@ -66,7 +67,7 @@ def get_judge(kind: str) -> Judge:
 def to_bgr_uint8(images: torch.Tensor) -> list[np.ndarray]:
     """Images in [0, 1] as OpenCV reads image files (H, W, 3 uint8, BGR): NudeNet's array input
     must match what it computes from a path (../shared/LIBRARIES.md (a))."""
-    pixels = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    pixels = uint8_pixels(images)
     return [np.ascontiguousarray(image.permute(1, 2, 0).numpy()[..., ::-1]) for image in pixels]
 
 

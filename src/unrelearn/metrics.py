@@ -14,6 +14,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from unrelearn.detector import ConceptDetector, DetectorFeatures
 from unrelearn.errors import UnrelearnError
+from unrelearn.io import uint8_pixels
 from unrelearn.worlds.base import Caption
 
 ALIGNMENT_ATTRIBUTES = ("shape", "colour", "texture")
@@ -195,7 +196,7 @@ def clip_scores(images: torch.Tensor, prompts: Sequence[str], clip: tuple[torch.
     positive, as a trained CLIP's are."""
     from torchmetrics.functional.multimodal import clip_score
 
-    pixels = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    pixels = uint8_pixels(images)
     with torch.no_grad():
         return [float(clip_score(image, prompt, model_name_or_path=lambda: clip)) for image, prompt in zip(pixels, prompts)]
 
@@ -205,7 +206,7 @@ def clip_image_features(images: torch.Tensor, clip: tuple[torch.nn.Module, Any],
     (Kynkaanniemi et al. 2023 show ImageNet-trained Inception features leak class information
     that CLIP features do not)."""
     model, processor = clip
-    pixels = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    pixels = uint8_pixels(images)
     device = next(model.parameters()).device
     chunks = []
     with torch.no_grad():
@@ -213,27 +214,3 @@ def clip_image_features(images: torch.Tensor, clip: tuple[torch.nn.Module, Any],
             inputs = processor(images=list(pixels[start : start + batch_size]), return_tensors="pt")
             chunks.append(model.get_image_features(pixel_values=inputs["pixel_values"].to(device)).float().cpu())
     return torch.cat(chunks)
-
-
-def read_image_folder(folder: str | Path, limit: int | None = None) -> torch.Tensor:
-    """Every image of a folder (sorted by name, at most ``limit``) as (N, 3, H, W) in [0, 1]; the
-    images must share one size (resize them first)."""
-    from PIL import Image, UnidentifiedImageError
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UnrelearnError(f"reference image folder {str(folder)!r} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"})[:limit]
-    if len(files) < 2:
-        raise UnrelearnError(f"reference image folder {str(folder)!r} holds {len(files)} images; FID needs at least 2")
-    images = []
-    for path in files:
-        try:
-            image = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
-        except (UnidentifiedImageError, OSError) as error:
-            raise UnrelearnError(f"cannot read image {str(path)!r}: {error}") from None
-        if images and image.shape != images[0].shape:
-            raise UnrelearnError(f"{path.name} is {image.shape[1]}x{image.shape[0]}, the folder's first image "
-                                 f"{images[0].shape[1]}x{images[0].shape[0]}; resize the reference images to one size")  # fmt: skip
-        images.append(image)
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)

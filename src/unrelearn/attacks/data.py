@@ -174,7 +174,6 @@ def build_attack_data(
 
 def load_image_folder(folder: str | Path, resolution: int | None = None) -> AttackData:
     """A user's images with prompts (``metadata.jsonl`` or ``prompts.txt``)."""
-    from PIL import Image, UnidentifiedImageError
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -194,17 +193,44 @@ def load_image_folder(folder: str | Path, resolution: int | None = None) -> Atta
         raise UnrelearnError(f"attack data folder {str(folder)!r} holds no images")
     images = []
     for path, _ in pairs:
-        try:
-            image = Image.open(path).convert("RGB")
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
-            raise UnrelearnError(f"cannot read image {str(path)!r}: {error}") from None
-        if resolution is not None and image.size != (resolution, resolution):
+        image = read_image(path)
+        if resolution is not None and image.shape[1:] != (resolution, resolution):
             raise UnrelearnError(
-                f"image {path.name} is {image.size[0]}x{image.size[1]} but the model works at "
+                f"image {path.name} is {image.shape[2]}x{image.shape[1]} but the model works at "
                 f"{resolution}x{resolution}; resize the images first"
             )
-        images.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1))
+        images.append(image)
     return AttackData(str(folder), torch.stack(images), [p for _, p in pairs], None)
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """One image file as (3, H, W) in [0, 1]; an unreadable file is one error naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path).convert("RGB")
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
+        raise UnrelearnError(f"cannot read image {str(path)!r}: {error}") from None
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+def read_image_folder(folder: str | Path, limit: int | None = None) -> torch.Tensor:
+    """Every image of a folder (sorted by name, at most ``limit``), no prompts needed, as
+    (N, 3, H, W) in [0, 1]; the images must share one size (resize them first)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UnrelearnError(f"reference image folder {str(folder)!r} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    if len(files) < 2:
+        raise UnrelearnError(f"reference image folder {str(folder)!r} holds {len(files)} images; FID needs at least 2")
+    images = [read_image(files[0])]
+    for path in files[1:]:
+        image = read_image(path)
+        if image.shape != images[0].shape:
+            raise UnrelearnError(f"{path.name} is {image.shape[2]}x{image.shape[1]}, the folder's first image "
+                                 f"{images[0].shape[2]}x{images[0].shape[1]}; resize the reference images to one size")  # fmt: skip
+        images.append(image)
+    return torch.stack(images)
 
 
 def _read_metadata(metadata: Path) -> list[tuple[Path, str]]:
@@ -233,14 +259,14 @@ def write_image_folder(images: torch.Tensor, prompts: list[str], out: str | Path
     ``metadata.jsonl``; ``record`` (how the images were made) goes to ``generation.json``. Atomic."""
     from PIL import Image
 
-    from unrelearn.io import atomic_directory
+    from unrelearn.io import atomic_directory, uint8_pixels
 
     out = Path(out)
     with atomic_directory(out) as tmp:
         lines = []
         for number, (image, prompt) in enumerate(zip(images, prompts)):
             name = f"{number:05d}.png"
-            pixels = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            pixels = uint8_pixels(image).permute(1, 2, 0).numpy()
             Image.fromarray(pixels).save(tmp / name)
             lines.append(json.dumps({"file_name": name, "text": prompt}))
         (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n")

@@ -26,7 +26,7 @@ from unrelearn.io import atomic_directory, ensure_writable_parent, library_versi
 from unrelearn.model import DiffusionModel
 from unrelearn.options import NonNegativeInt, PositiveInt
 from unrelearn.progress import stage
-from unrelearn.training import TrainConfig, Trainer, parameter_digest
+from unrelearn.training import Processes, TrainConfig, Trainer, parameter_digest
 from unrelearn.worlds import get_world
 
 ADAPTER_NAME = "attack"
@@ -128,8 +128,6 @@ def attack(
     step-0 evaluation: a benchmark evaluates each model once, not once per attack.
     """
     out = Path(out)
-    from unrelearn.training import Processes
-
     if Processes().count > 1:
         raise UnrelearnError("attacks run in one process (their evaluations are not split); launch without accelerate/torchrun")
     ensure_writable_parent(out)

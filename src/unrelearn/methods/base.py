@@ -160,7 +160,7 @@ class Method(ABC):
         if self.world is not None:
             images, _ = self.world.render(captions, generator)
             return self.model.images_to_model_space(images)
-        count = getattr(self.config, "generated_per_prompt", 8)
+        count = getattr(self.config, "generated_per_prompt", OptimizationConfig.generated_per_prompt)
         picks = torch.randint(count, (len(captions),), generator=generator).tolist()
         return torch.stack([self._generated(c.text, count)[i] for c, i in zip(captions, picks)])
 
@@ -383,7 +383,7 @@ def _unlearn(
 
 # Options added after checkpoints were first written: at these values a run is what it was
 # before they existed, so they stay out of a checkpoint's settings (older checkpoints resume).
-_LATER_OPTIONS = {"gradient_checkpointing": False, "mixed_precision": "no", "generated_per_prompt": 8}
+_LATER_OPTIONS = {name: getattr(OptimizationConfig, name) for name in ("gradient_checkpointing", "mixed_precision", "generated_per_prompt")}
 
 
 def _checkpoint_config(config: Any) -> dict[str, Any]:
