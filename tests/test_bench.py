@@ -146,12 +146,14 @@ def test_a_store_of_another_schema_or_not_a_database_is_refused(tmp_path):
 
 
 def test_a_schema_3_store_is_migrated_with_its_rows(tmp_path):
-    """Schema 4 only lets the quality columns be NULL; a store written by schema 3 (benchmarks in
-    progress) keeps its rows and takes rows without quality metrics afterwards."""
+    """Schema 4 only lets the quality columns be NULL, schema 5 adds the alternative rate; a store
+    written by schema 3 (benchmarks in progress) keeps its rows and takes rows without quality
+    metrics afterwards."""
     from unrelearn.bench import store as store_module
 
     path = tmp_path / "results.sqlite"
-    schema3 = store_module._SCHEMA
+    schema3 = store_module._SCHEMA.replace("    alternative_rate REAL,\n    alternative_low REAL,\n    alternative_high REAL,\n", "")
+    assert "alternative" not in schema3
     for column in store_module._QUALITY_COLUMNS:
         schema3 = schema3.replace(f"    {column} REAL,", f"    {column} REAL NOT NULL,")
     assert schema3.count("NOT NULL") == store_module._SCHEMA.count("NOT NULL") + len(store_module._QUALITY_COLUMNS)
@@ -166,14 +168,18 @@ def test_a_schema_3_store_is_migrated_with_its_rows(tmp_path):
         return next(c for c in store.cells() if c.key == key).points[0]
 
     assert point_of("old")["fid"] == 12.0 and point_of("old")["forget_rate"] == 0.5
+    assert point_of("old")["alternative_rate"] is None
     point = {"step": 0, "forget_rate": 0.25, "forget_rate_ci": [0.1, 0.4], "retain_alignment": None,
              "retain_alignment_ci": [None, None], "precision": None, "precision_ci": [None, None], "fid": None, "kid": None,
              "kid_std": None}  # fmt: skip
     store.add_cell(CellResult("new", "nudity", "esd", "hrm-m", 0, {}, {}, [point], 1.0, "h"))
     assert point_of("new")["fid"] is None and point_of("new")["forget_rate"] == 0.25 and point_of("old")["kid"] == 0.01
+    point |= {"alternative_rate": 0.75, "alternative_rate_ci": [0.6, 0.9]}
+    store.add_cell(CellResult("digits", "seven", "dimum", "dimra-aux", 0, {}, {}, [point], 1.0, "h"))
+    assert point_of("digits")["alternative_rate"] == 0.75 and point_of("digits")["alternative_rate_ci"] == [0.6, 0.9]
     store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()[0] == "4"
+        assert db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()[0] == "5"
 
 
 @pytest.fixture(scope="module")

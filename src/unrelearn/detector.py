@@ -132,7 +132,8 @@ class DetectorTrainingConfig(Options):
 def detector_accuracy(detector: ConceptDetector, world: World, n: int, seed: int, augmented: bool) -> dict[str, float]:
     generator = torch.Generator().manual_seed(seed)
     labels = world.sample_labels(n, generator)
-    images, _index = world.render_labels(labels, generator)
+    # Held-out data where the world has it (a real data set's held-out split).
+    images, _index = world.render_labels(labels, generator, heldout=True)
     if augmented:
         images = augment(images, generator)
     predicted = detector.predict(images)

@@ -211,13 +211,19 @@ def evaluate(
     kid, kid_std = kernel_distance((reference["features"] - mean) / deviation, (generated - mean) / deviation, seed=config.seed)
 
     flags = concept_flags(detector, forget_images, sets.attribute, concept)
-    aligned, per_attribute = alignment_flags(detector, retain_images, retain)
+    # The DiMRA paper's second class metric: forget-prompt images showing the alternative concept
+    # (what replacement methods such as SalUn and DiMUM train the forget prompts to draw).
+    alternative = concept_flags(detector, forget_images, sets.attribute, sets.alternative)
+    aligned, per_attribute = alignment_flags(detector, retain_images, retain, world.concept_attributes)
     detector_file = detector_path(world_name) / "detector.safetensors"
     metrics = {
         "concept": concept,
         "world": world_name,
         "forget_rate": sum(flags) / len(flags),
         "forget_rate_ci": list(bootstrap_interval(flags, seed=config.seed)),
+        "alternative": sets.alternative,
+        "alternative_rate": sum(alternative) / len(alternative),
+        "alternative_rate_ci": list(bootstrap_interval(alternative, seed=config.seed)),
         "retain_alignment": sum(aligned) / len(aligned),
         "retain_alignment_ci": list(bootstrap_interval(aligned, seed=config.seed)),
         "retain_attribute_accuracy": per_attribute,
@@ -238,7 +244,7 @@ def evaluate(
             "forget_prompts": f"{len(sets.evaluation)} evaluation prompts, sha256 {_digest([c.text for c in sets.evaluation])}",
             "retain_prompts": f"{len(sets.retain)} retain prompts, sha256 {_digest([c.text for c in sets.retain])}",
             "forget_rule": f"detector's {sets.attribute} prediction == {concept!r}",
-            "alignment_rule": "detector's shape, colour and texture all equal the prompt's",
+            "alignment_rule": f"detector's {', '.join(world.concept_attributes)} all equal the prompt's",
             "fid": "torchmetrics FrechetInceptionDistance on the detector's 64-d penultimate features; "
             f"reference = {REFERENCE_IMAGES} ground-truth renders of the retain prompts (seed {REFERENCE_SEED}, cached), "
             "generated = the retain generations",
@@ -255,7 +261,8 @@ def evaluate(
 
 # Metrics a world without ground truth cannot compute (FID and KID only against the user's
 # reference images, in CLIP's features): present in every evaluation, None there.
-GROUND_TRUTH_METRICS = ("retain_alignment", "retain_alignment_ci", "precision", "precision_ci", "fid", "kid", "kid_std")
+GROUND_TRUTH_METRICS = ("retain_alignment", "retain_alignment_ci", "precision", "precision_ci", "fid", "kid", "kid_std",
+                        "alternative_rate", "alternative_rate_ci")  # fmt: skip
 
 
 def sample_rows(model: DiffusionModel, rows: list[Any], config: EvalConfig, on_batch=None) -> torch.Tensor:

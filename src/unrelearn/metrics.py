@@ -17,8 +17,6 @@ from unrelearn.errors import UnrelearnError
 from unrelearn.io import uint8_pixels
 from unrelearn.worlds.base import Caption
 
-ALIGNMENT_ATTRIBUTES = ("shape", "colour", "texture")
-
 
 def bootstrap_interval(flags: Sequence[float], seed: int = 0, resamples: int = 2000, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``flags`` (0/1 decisions, or per-image scores;
@@ -33,27 +31,35 @@ def bootstrap_interval(flags: Sequence[float], seed: int = 0, resamples: int = 2
     return float(interval.low), float(interval.high)
 
 
+def curve_maximum(curve: Sequence[dict], metric: str = "forget_rate", after: int = 0) -> dict:
+    """The highest ``metric`` a durability curve reaches at or after step ``after`` (the DiMRA
+    paper's maximum AR during an attack), with its step and interval; the earliest step wins ties."""
+    points = [p for p in curve if p["step"] >= after]
+    if not points:
+        raise ValueError(f"the curve has no point at or after step {after}")
+    best = max(points, key=lambda p: (p[metric], -p["step"]))
+    return {"step": best["step"], "value": best[metric], "ci": list(best[f"{metric}_ci"])}
+
+
 def concept_flags(detector: ConceptDetector, images: torch.Tensor, attribute: str, concept: str) -> list[bool]:
     """Whether the detector sees ``concept`` (a value of ``attribute``) in each image."""
     return [value == concept for value in detector.predict(images)[attribute]]
 
 
 def alignment_flags(
-    detector: ConceptDetector, images: torch.Tensor, captions: Sequence[Caption]
+    detector: ConceptDetector, images: torch.Tensor, captions: Sequence[Caption], attributes: Sequence[str]
 ) -> tuple[list[bool], dict[str, float]]:
-    """Per image: do shape, colour and texture all match what the caption states?
+    """Per image: do all ``attributes`` (a world's concept attributes) match what the caption states?
 
     Returns the flags and the per-attribute match rates. Attributes a caption leaves open count
     as matching.
     """
     predicted = detector.predict(images)
-    per_attribute = {a: [] for a in ALIGNMENT_ATTRIBUTES}
+    per_attribute: dict[str, list[bool]] = {a: [] for a in attributes}
     flags = []
     for i, caption in enumerate(captions):
-        matches = [
-            caption.attributes.get(a) in (None, predicted[a][i]) for a in ALIGNMENT_ATTRIBUTES
-        ]
-        for a, ok in zip(ALIGNMENT_ATTRIBUTES, matches):
+        matches = [caption.attributes.get(a) in (None, predicted[a][i]) for a in attributes]
+        for a, ok in zip(attributes, matches):
             per_attribute[a].append(ok)
         flags.append(all(matches))
     return flags, {a: float(np.mean(v)) for a, v in per_attribute.items()}

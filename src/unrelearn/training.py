@@ -89,11 +89,11 @@ class TrainResult:
     resumed_from: int | None = None
 
     def final_losses(self, window: int = 20) -> dict[str, float]:
-        """Mean of each logged loss over the last ``window`` steps."""
+        """Mean of each logged loss over the last ``window`` steps that logged it (methods that
+        alternate stages log each stage's terms on its own steps)."""
         tail = self.losses[-window:]
-        if not tail:
-            return {}
-        return {key: sum(row[key] for row in tail) / len(tail) for key in tail[-1] if key != "step"}
+        keys = dict.fromkeys(key for row in tail for key in row if key != "step")
+        return {key: sum(values) / len(values) for key in keys if (values := [row[key] for row in tail if key in row])}
 
 
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:

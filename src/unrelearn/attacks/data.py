@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,11 +57,15 @@ class BuildContext:
 
 
 _DATASETS: dict[str, Builder] = {}
+# Data sets whose ground-truth images come from the world's held-out data.
+_HELDOUT: set[str] = set()
 
 
-def register_dataset(name: str) -> Callable[[Builder], Builder]:
+def register_dataset(name: str, heldout: bool = False) -> Callable[[Builder], Builder]:
     def decorator(builder: Builder) -> Builder:
         _DATASETS[name] = builder
+        if heldout:
+            _HELDOUT.add(name)
         return builder
 
     return decorator
@@ -103,21 +106,12 @@ for _name, _field in {"hrm-s": "hrm_s", "hrm-m": "hrm_m", "clean": "clean", "dim
     register_dataset(_name)(_prompt_set(_field))
 
 
-@register_dataset("dimra-aux")
+@register_dataset("dimra-aux", heldout=True)
 def _dimra_aux(world, sets, size, generator, context):
-    # New prompts of the retain distribution (the concept's attribute set to other values),
-    # phrased afresh, so none is a leaked retain prompt.
-    rng = random.Random(int(torch.randint(2**62, (1,), generator=generator)))
-    others = [v for v in world.attributes[sets.attribute] if v != sets.concept]
-    leaked = {c.text for c in sets.retain}
-    captions: list[Caption] = []
-    while len(captions) < size:
-        labels = world.sample_labels(1, generator, exclude=sets.concept)[0]
-        labels[sets.attribute] = rng.choice(others)
-        text = world.describe(labels)
-        if text not in leaked:
-            captions.append(Caption(text, labels))
-    return captions, None
+    # Same-distribution data the model never trained on: fresh renders in a procedural world,
+    # the held-out split of a real data set (``heldout=True`` above).
+    captions = world.auxiliary_captions(sets, size, generator)
+    return captions, None if world.ground_truth else _original_images(captions, generator, context)
 
 
 @register_dataset("dimra-aux-model")
@@ -167,7 +161,7 @@ def build_attack_data(
         raise UnrelearnError(f"unknown attack data {name!r}; choose one of {', '.join(dataset_names())}")
     labels = None
     if images is None:
-        images, index = world.render(captions, generator)
+        images, index = world.render(captions, generator, heldout=name in _HELDOUT)
         labels = [{a: world.attributes[a][int(index[a][i])] for a in index} for i in range(len(captions))]
     return AttackData(name, images, [c.text for c in captions], labels)
 

@@ -56,7 +56,7 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "batch_size": 16}
 
 # What each point of a durability curve keeps of an evaluation.
 CURVE_METRICS = ("forget_rate", "forget_rate_ci", "retain_alignment", "retain_alignment_ci", "precision", "precision_ci",
-                 "fid", "kid", "kid_std")  # fmt: skip
+                 "fid", "kid", "kid_std", "alternative_rate", "alternative_rate_ci")  # fmt: skip
 
 
 def parse_eval_at(text: str | list[int], steps: int) -> list[int]:
@@ -179,7 +179,8 @@ def _attack(
             m = initial_point
         else:
             m = evaluate(model, concept, eval_config, world.name, progress=False).metrics
-        point = {"step": step, **{k: m[k] for k in CURVE_METRICS}}
+        # .get: a benchmark's cached starting point may predate a metric (None: not measured).
+        point = {"step": step, **{k: m.get(k) for k in CURVE_METRICS}}
         trainer.extra_state["curve"].append(point)
         lo, hi = m["forget_rate_ci"]
         stage(f"{description}: evaluated at step {step}/{config.steps}: forget rate {m['forget_rate']:.3f} "

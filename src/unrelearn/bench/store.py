@@ -25,9 +25,11 @@ from typing import Any
 
 from unrelearn.errors import UnrelearnError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Schema 4 lets the quality columns be NULL (a world without ground truth, Stable Diffusion's,
-# has no retain alignment, precision, FID or KID); a schema-3 store is migrated in place.
+# has no retain alignment, precision, FID or KID); schema 5 adds the alternative rate (the
+# DiMRA paper's share of forget-prompt images showing the alternative concept). Older stores
+# are migrated in place.
 _QUALITY_COLUMNS = ("retain_alignment", "retain_low", "retain_high", "precision", "precision_low", "precision_high",
                     "fid", "kid", "kid_std")  # fmt: skip
 
@@ -60,6 +62,9 @@ CREATE TABLE IF NOT EXISTS points (
     fid REAL,
     kid REAL,
     kid_std REAL,
+    alternative_rate REAL,
+    alternative_low REAL,
+    alternative_high REAL,
     PRIMARY KEY (cell, step)
 );
 CREATE TABLE IF NOT EXISTS models (
@@ -118,8 +123,10 @@ class ResultStore:
                 found = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
                 if found is None:
                     db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-                elif int(found[0]) == 3:
-                    _migrate_3_to_4(db)
+                elif int(found[0]) in (3, 4):
+                    if int(found[0]) == 3:
+                        _migrate_3_to_4(db)
+                    _migrate_4_to_5(db)
                 elif int(found[0]) != SCHEMA_VERSION:
                     raise UnrelearnError(
                         f"{str(self.path)!r} holds results of store schema {found[0]}, this unrelearn writes schema "
@@ -178,10 +185,11 @@ class ResultStore:
             )  # fmt: skip
             db.execute("DELETE FROM points WHERE cell = ?", (result.key,))
             db.executemany(
-                "INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(result.key, p["step"], p["forget_rate"], *p["forget_rate_ci"], p["retain_alignment"],
                   *(p["retain_alignment_ci"] or (None, None)), p["precision"], *(p["precision_ci"] or (None, None)), p["fid"],
-                  p["kid"], p["kid_std"]) for p in result.points],
+                  p["kid"], p["kid_std"], p.get("alternative_rate"), *(p.get("alternative_rate_ci") or (None, None)))
+                 for p in result.points],
             )  # fmt: skip
             db.execute(
                 "INSERT INTO events VALUES (?, ?, ?, ?, 'finished')", (time.time(), socket.gethostname(), os.getpid(), result.key)
@@ -194,6 +202,7 @@ class ResultStore:
                 "step": row[1], "forget_rate": row[2], "forget_rate_ci": [row[3], row[4]],
                 "retain_alignment": row[5], "retain_alignment_ci": [row[6], row[7]], "precision": row[8],
                 "precision_ci": [row[9], row[10]], "fid": row[11], "kid": row[12], "kid_std": row[13],
+                "alternative_rate": row[14], "alternative_rate_ci": [row[15], row[16]],
             })  # fmt: skip
         return [
             CellResult(
@@ -242,4 +251,10 @@ def _migrate_3_to_4(db: sqlite3.Connection) -> None:
     db.execute(create)
     db.execute("INSERT INTO points SELECT * FROM points_schema3")
     db.execute("DROP TABLE points_schema3")
+
+
+def _migrate_4_to_5(db: sqlite3.Connection) -> None:
+    """Add the alternative-rate columns (NULL in the rows written before them)."""
+    for column in ("alternative_rate", "alternative_low", "alternative_high"):
+        db.execute(f"ALTER TABLE points ADD COLUMN {column} REAL")
     db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (str(SCHEMA_VERSION),))

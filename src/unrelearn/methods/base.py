@@ -355,7 +355,8 @@ def _unlearn(
         model.unet.eval()
         instance.finish()
         record["final_losses"] = result.final_losses()
-        record["loss_curve"] = result.losses[:: max(1, len(result.losses) // 500)]
+        # An odd stride, so that methods alternating two stages by step parity (Sfront) keep both.
+        record["loss_curve"] = result.losses[:: max(1, len(result.losses) // 500) | 1]
         record["resumed_from_step"] = result.resumed_from
         record["trained_parameters"] = sum(p.numel() for p in instance.parameters().values())
         record |= instance.record()
@@ -421,7 +422,7 @@ def plot_training_curves(rows: list[dict[str, float]], title: str = "") -> bytes
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in rows[0] if k != "step"]
+    keys = list(dict.fromkeys(k for row in rows for k in row if k != "step"))
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
     steps = [row["step"] for row in rows]
     for ax, key in zip(axes[0], keys):

@@ -54,6 +54,8 @@ class World(Protocol):
     # True: ``render`` draws exact images of any caption (methods train on them, the evaluation
     # has a reference); False: images come from a model (see ``worlds.prompts``).
     ground_truth: bool
+    # The attributes whose values are concepts (what a detector judges, what alignment checks).
+    concept_attributes: tuple[str, ...]
 
     def concepts(self) -> list[str]: ...
 
@@ -65,7 +67,16 @@ class World(Protocol):
         self, n: int, generator: torch.Generator, exclude: str | None = None
     ) -> tuple[torch.Tensor, list[str]]: ...
 
-    def render(self, captions: list[Caption], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+    def render(
+        self, captions: list[Caption], generator: torch.Generator, heldout: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Images of ``captions`` in [0, 1] and the index of every attribute's value; ``heldout``
+        draws from data no model of the world was trained on."""
+        ...
+
+    def auxiliary_captions(self, sets: ConceptSets, size: int, generator: torch.Generator) -> list[Caption]:
+        """The prompts of DiMRA's auxiliary set: the retain distribution, no leaked retain prompt."""
+        ...
 
     def parse(self, text: str) -> Caption: ...
 

@@ -121,6 +121,7 @@ class PromptWorld:
         for concept, data in sorted(self._files.items()):
             kinds.setdefault(data["kind"], []).append(concept)
         self.attributes = kinds
+        self.concept_attributes = tuple(kinds)
 
     def concepts(self) -> list[str]:
         return sorted(self._files)
@@ -154,8 +155,13 @@ class PromptWorld:
             "(--original MODEL) or from a folder (--data FOLDER; `unrelearn generate` writes one)"
         )
 
-    def render(self, captions: list[Caption], generator: torch.Generator):
+    def render(self, captions: list[Caption], generator: torch.Generator, heldout: bool = False):
         self._no_images()
+
+    def auxiliary_captions(self, sets: ConceptSets, size: int, generator: torch.Generator) -> list[Caption]:
+        # Without a data set, "same distribution, never trained on" is the original model's own
+        # generations of the retain prompts (the attack data's images come from --original).
+        return [sets.retain[i % len(sets.retain)] for i in range(size)]
 
     def training_batch(self, n: int, generator: torch.Generator, exclude: str | None = None):
         self._no_images()

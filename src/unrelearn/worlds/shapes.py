@@ -73,6 +73,7 @@ class ShapesWorld:
     """Procedural 16x16 (by default) images of one shape with exact labels."""
 
     ground_truth = True
+    concept_attributes = ("shape", "colour", "texture")
 
     name = "shapes"
 
@@ -95,7 +96,7 @@ class ShapesWorld:
         return self.attributes["shape"] + self.attributes["colour"] + self.attributes["texture"]
 
     def attribute_of(self, concept: str) -> str:
-        for attribute in ("shape", "colour", "texture"):
+        for attribute in self.concept_attributes:
             if concept in self.attributes[attribute]:
                 return attribute
         raise UnrelearnError(
@@ -266,17 +267,37 @@ class ShapesWorld:
             self._phrasing_pool[stated] = list(pool)
         return self._phrasing_pool[stated]
 
-    def render(self, captions: list[Caption], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def auxiliary_captions(self, sets: ConceptSets, size: int, generator: torch.Generator) -> list[Caption]:
+        """Prompts of DiMRA's auxiliary set: the retain distribution (the concept's attribute set
+        to other values), phrased afresh so that none is a leaked retain prompt."""
+        rng = random.Random(int(torch.randint(2**62, (1,), generator=generator)))
+        others = [v for v in self.attributes[sets.attribute] if v != sets.concept]
+        leaked = {c.text for c in sets.retain}
+        captions: list[Caption] = []
+        while len(captions) < size:
+            labels = self.sample_labels(1, generator, exclude=sets.concept)[0]
+            labels[sets.attribute] = rng.choice(others)
+            text = self.describe(labels)
+            if text not in leaked:
+                captions.append(Caption(text, labels))
+        return captions
+
+    def render(
+        self, captions: list[Caption], generator: torch.Generator, heldout: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Ground-truth images of ``captions``; attributes they leave open are drawn at random."""
         labels = self.sample_labels(len(captions), generator)
         for row, caption in zip(labels, captions):
             row.update(caption.attributes)
-        return self.render_labels(labels, generator)
+        return self.render_labels(labels, generator, heldout)
 
     def render_labels(
-        self, labels: list[dict[str, str]], generator: torch.Generator
+        self, labels: list[dict[str, str]], generator: torch.Generator, heldout: bool = False
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Render one image per label row; returns images (N, 3, R, R) in [0, 1] and label indices."""
+        """Render one image per label row; returns images (N, 3, R, R) in [0, 1] and label indices.
+
+        ``heldout`` changes nothing: every render is a fresh draw, held out by construction.
+        """
         n, size = len(labels), self.resolution
         index = {a: torch.tensor([self.attributes[a].index(row[a]) for row in labels]) for a in self.attributes}
         radius = (0.25 + 0.19 * torch.rand(n, generator=generator)) * size
