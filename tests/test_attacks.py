@@ -191,3 +191,13 @@ def test_attack_bad_input(tiny_model, tmp_path, fake_evaluate):
     with pytest.raises(UnrelearnError, match="option mode='qlora' must be one of 'full', 'lora'"):
         AttackConfig(mode="qlora")
     assert not (tmp_path / "x").exists()
+
+
+def test_which_data_sets_need_the_original_model():
+    from unrelearn.attacks.data import needs_original_model
+
+    prompts = get_world("prompts")
+    assert needs_original_model("dimra-aux-model", WORLD) and not needs_original_model("dimra-aux", WORLD)
+    assert not needs_original_model("hrm-m", WORLD) and not needs_original_model("poison:0.1", WORLD)
+    assert needs_original_model("hrm-m", prompts) and needs_original_model("poison:0.1", prompts)
+    assert not needs_original_model("runs/my-images", prompts)

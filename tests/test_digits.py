@@ -241,3 +241,50 @@ def test_every_method_runs_on_digits_unchanged(tiny_digits_model, method, tmp_pa
         curve = attack(model, "seven", AttackConfig(data="dimra-aux", steps=2, batch_size=2, data_size=8),
                        tmp_path / "attack", eval_at=[0, 2], eval_config=tiny, threshold=0.5, progress=False)["points"]  # fmt: skip
         assert [p["step"] for p in curve] == [0, 2] and all("alternative_rate" in p for p in curve)
+
+
+def _point(step, ar, alternative=None, fid=None):
+    return {"step": step, "forget_rate": ar, "forget_rate_ci": [max(0.0, ar - 0.1), min(1.0, ar + 0.1)],
+            "retain_alignment": 0.9, "retain_alignment_ci": [0.8, 1.0], "precision": None, "precision_ci": [None, None],
+            "fid": fid, "kid": None, "kid_std": None, "alternative_rate": alternative,
+            "alternative_rate_ci": None if alternative is None else [alternative - 0.1, alternative + 0.1]}  # fmt: skip
+
+
+def _cell(label, method, options, data, lr, points, oracle=False):
+    from unrelearn.bench.store import CellResult
+
+    attack = {"data": data, "lr": lr, "mode": "full", "optimizer": "adam", "steps": points[-1]["step"], "seed": 0}
+    spec = {"contender": {"model": "builtin:digits", "method": method, "options": options, "concept": "seven"},
+            "attack": attack, "label": label, "oracle": oracle}  # fmt: skip
+    return CellResult(f"{label}-{data}-{lr}", "seven", label, f"{data} lr={lr:g}", 0, spec, {}, points, 1.0, "h")
+
+
+def test_dimra_table_rows_by_hand(tmp_path):
+    from unrelearn.bench.tables import dimra_table
+
+    cells = [
+        _cell("dimum-250", "dimum", {"steps": 250}, "dimra-retain", 1e-4,
+              [_point(0, 0.0, 0.9, fid=12.0), _point(100, 0.2, 0.7), _point(500, 0.1, 0.6)]),
+        _cell("dimum-250", "dimum", {"steps": 250}, "dimra-aux", 1e-4,
+              [_point(0, 0.0, 0.9, fid=12.0), _point(100, 0.05, 0.8), _point(500, 0.15, 0.75)]),
+        # A second attack setting: the table keeps the worst case.
+        _cell("dimum-250", "dimum", {"steps": 250}, "dimra-aux", 1e-3,
+              [_point(0, 0.0, 0.9, fid=12.0), _point(100, 0.3, 0.5), _point(500, 0.25, 0.4)]),
+        _cell("salun", "salun", {}, "dimra-retain", 1e-4, [_point(0, 0.05, 0.8, fid=20.0), _point(500, 0.6, 0.1)]),
+        _cell("oracle", None, {}, "dimra-retain", 1e-4, [_point(0, 0.02, 0.1, fid=10.0), _point(500, 0.03, 0.1)], oracle=True),
+        _cell("salun", "salun", {}, "hrm-m", 1e-4, [_point(0, 0.05), _point(500, 1.0)]),  # not a DiMRA attack
+    ]  # fmt: skip
+    table = dimra_table(cells, "made by hand")
+    rows = {r["label"]: r for r in table.rows}
+    assert set(rows) == {"dimum-250", "salun", "oracle"}
+    dimum = rows["dimum-250"]
+    assert (dimum["method"], dimum["unlearn_steps"], dimum["fid"], dimum["ar"], dimum["alternative_rate"]) == ("dimum", 250, 12.0, 0.0, 0.9)
+    assert (dimum["max_ar_dimra_retain"], dimum["max_ar_dimra_retain_step"]) == (0.2, 100)
+    assert (dimum["max_ar_dimra_heldout"], dimum["max_ar_dimra_heldout_step"]) == (0.3, 100)
+    assert dimum["max_ar_dimra_heldout_attack"] == "dimra-aux lr=0.001" and dimum["alternative_rate_after_dimra_heldout"] == 0.4
+    # The embedded default length where the contender sets none (SalUn: 200 steps on the embedded world).
+    assert rows["salun"]["unlearn_steps"] == 200 and rows["salun"]["max_ar_dimra_retain"] == 0.6
+    assert "max_ar_dimra_heldout" not in rows["salun"]
+    assert (rows["oracle"]["method"], rows["oracle"]["unlearn_steps"]) == ("oracle", None)
+    assert "| seven | dimum-250 | 250 | 12.0 | 0.000 [0.000, 0.100] | 0.900 [0.800, 1.000] | 0.200 [0.100, 0.300] (100) |" in table.markdown
+    assert len(table.curves) == 3 and all(set(c[1]) <= set(rows) for c in table.curves.values())

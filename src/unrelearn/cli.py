@@ -506,6 +506,20 @@ def report(
     typer.echo(f"report written: {written['html']} and {written['markdown']}")
 
 
+@app.command()
+@_friendly
+def table(
+    name: str = typer.Argument(..., help="which paper's table (dimra: the DiMRA/DiMUM paper's Tables I-IV)"),
+    folder: Path = typer.Argument(..., help="a benchmark folder written by `unrelearn bench`"),
+    out: Path = typer.Option(..., help="path stem: writes STEM.json (rows), STEM.md and the curves beside them"),
+) -> None:
+    """A paper-shaped table from a benchmark's results store, as JSON rows and Markdown."""
+    from unrelearn.bench.tables import write_table
+
+    written = write_table(name, folder, out)
+    typer.echo(f"{written['rows']} rows: {written['json']} and {written['markdown']}")
+
+
 def main() -> None:
     app()
 

@@ -57,18 +57,27 @@ class BuildContext:
 
 
 _DATASETS: dict[str, Builder] = {}
-# Data sets whose ground-truth images come from the world's held-out data.
+# Data sets whose ground-truth images come from the world's held-out data, and those whose
+# images the original model generates in every world.
 _HELDOUT: set[str] = set()
+_FROM_ORIGINAL: set[str] = set()
 
 
-def register_dataset(name: str, heldout: bool = False) -> Callable[[Builder], Builder]:
+def register_dataset(name: str, heldout: bool = False, from_original: bool = False) -> Callable[[Builder], Builder]:
     def decorator(builder: Builder) -> Builder:
         _DATASETS[name] = builder
         if heldout:
             _HELDOUT.add(name)
+        if from_original:
+            _FROM_ORIGINAL.add(name)
         return builder
 
     return decorator
+
+
+def needs_original_model(name: str, world: World) -> bool:
+    """Whether building data set ``name`` in ``world`` takes the original model (its generations)."""
+    return name in _FROM_ORIGINAL or (not world.ground_truth and (name in _DATASETS or name.startswith("poison:")))
 
 
 def dataset_names() -> list[str]:
@@ -114,7 +123,7 @@ def _dimra_aux(world, sets, size, generator, context):
     return captions, None if world.ground_truth else _original_images(captions, generator, context)
 
 
-@register_dataset("dimra-aux-model")
+@register_dataset("dimra-aux-model", from_original=True)
 def _dimra_aux_model(world, sets, size, generator, context):
     if context.original_model is None:
         raise UnrelearnError("dimra-aux-model needs the original model (--original MODEL)")

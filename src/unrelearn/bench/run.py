@@ -142,7 +142,7 @@ class _Runner:
             model = DiffusionModel.load(model_dir, device=self.device)
             curve = attack(model, cell.concept, AttackConfig(**cell.attack), folder, list(cell.eval_at), eval_config,
                            reference_rate=reference, progress=self.progress, initial_point=start,
-                           original_model=self.original(model))  # fmt: skip
+                           original_model=self.original(model, cell.attack["data"]))  # fmt: skip
         grid = self.out / "grids" / f"cell-{cell.key}.png"
         if not grid.is_file():
             attacked = DiffusionModel.load(folder / "model", device=self.device)
@@ -156,13 +156,14 @@ class _Runner:
         if not self.keep_models:
             shutil.rmtree(folder / "model", ignore_errors=True)
 
-    def original(self, model: Any) -> Any:
-        """The base model, loaded once, where the world has no images for the attacker (its data
-        is then the base model's generations); None in worlds with ground truth."""
+    def original(self, model: Any, data: str) -> Any:
+        """The base model, loaded once, where the attack data are its generations (a world without
+        images, or ``dimra-aux-model``); None otherwise."""
         from unrelearn.assets import load_model
+        from unrelearn.attacks.data import needs_original_model
         from unrelearn.worlds import get_world
 
-        if get_world(model.world).ground_truth:
+        if not needs_original_model(data, get_world(model.world)):
             return None
         if self._original is None:
             self._original = load_model(self.base_model, device=self.device)

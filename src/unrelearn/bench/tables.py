@@ -1,0 +1,164 @@
+"""Paper-shaped tables drawn from a benchmark's results store: rows as JSON, Markdown, figures.
+
+``unrelearn table NAME DIR --out STEM`` writes ``STEM.json`` (a list of rows), ``STEM.md`` and
+the curves next to them. Tables register by name; each is built from the cells of the store,
+so a table is never a separate computation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unrelearn.bench.grid import digest
+from unrelearn.bench.store import CellResult, ResultStore
+from unrelearn.errors import UnrelearnError
+from unrelearn.io import write_text_atomic
+from unrelearn.metrics import curve_maximum
+
+
+@dataclass
+class TableOutput:
+    rows: list[dict[str, Any]]
+    markdown: str
+    # Figures to draw: file name -> (title, {label: points}).
+    curves: dict[str, tuple[str, dict[str, list[dict[str, Any]]]]]
+
+
+_TABLES: dict[str, Callable[[list[CellResult], str], TableOutput]] = {}
+
+
+def register_table(name: str):
+    def decorator(builder: Callable[[list[CellResult], str], TableOutput]):
+        _TABLES[name] = builder
+        return builder
+
+    return decorator
+
+
+def table_names() -> list[str]:
+    return sorted(_TABLES)
+
+
+def write_table(name: str, folder: str | Path, out: str | Path) -> dict[str, Any]:
+    """Build table ``name`` from the store in ``folder``; write ``out``.json / .md and its figures."""
+    from unrelearn.attacks import plot_curves
+
+    if name not in _TABLES:
+        raise UnrelearnError(f"unknown table {name!r}; known tables: {', '.join(table_names())}")
+    database = Path(folder) / "results.sqlite"
+    if not database.is_file():
+        raise UnrelearnError(f"{str(folder)!r} holds no results.sqlite; give the --out folder of `unrelearn bench`")
+    store = ResultStore(database)
+    try:
+        cells = store.cells()
+        commands = sorted({entry.get("command") or f"unrelearn bench --preset {p} --out DIR" for p, entry in store.meta_items("preset:")})
+    finally:
+        store.close()
+    if not cells:
+        raise UnrelearnError(f"{str(folder)!r} holds no finished cell yet; run `unrelearn bench` first")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    made = f"Made by {', '.join(f'`{c}`' for c in commands)}, then `unrelearn table {name} {folder} --out {out}`."
+    table = _TABLES[name](cells, made)
+    for file_name, (title, curves) in table.curves.items():
+        plot_curves(curves, out.parent / file_name, None, title=title)
+    write_text_atomic(out.with_suffix(".json"), json.dumps(table.rows, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(out.with_suffix(".md"), table.markdown)
+    return {"rows": len(table.rows), "json": out.with_suffix(".json"), "markdown": out.with_suffix(".md"),
+            "figures": [out.parent / f for f in table.curves]}  # fmt: skip
+
+
+def _rate(value: float | None, interval: list | None = None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval and interval[0] is not None else "")
+
+
+def _method_and_steps(cell: CellResult) -> tuple[str, int | None]:
+    """The method family and its unlearning steps (the contender's option, else the embedded default)."""
+    from unrelearn.methods import resolve_method
+    from unrelearn.methods.base import build_config
+
+    contender = cell.spec["contender"]
+    if cell.spec.get("oracle"):
+        return "oracle", None
+    if contender["method"] is None:
+        return "original", None
+    cls, variant = resolve_method(contender["method"])
+    world = "embedded" if contender["model"].startswith("builtin:") else None  # which defaults applied
+    config = build_config(cls, world, variant | contender["options"])
+    return contender["method"], getattr(config, "steps", None)
+
+
+# Which column each DiMRA attack fills: the leaked retain set (assumption (i)), the held-out
+# split (assumption (ii)), or the original model's generations of retain prompts (Table IV).
+_DIMRA_COLUMNS = {"dimra-retain": "dimra_retain", "dimra-aux": "dimra_heldout", "dimra-aux-model": "dimra_model"}
+
+
+@register_table("dimra")
+def dimra_table(cells: list[CellResult], made: str) -> TableOutput:
+    """The DiMRA/DiMUM paper's Tables I-IV: per forget class and method (and unlearning length),
+    FID, AR and the alternative rate after unlearning, and the maximum AR a DiMRA attack reaches
+    (worst case over the attack settings run), with the alternative rate at the attack's end."""
+    groups: dict[tuple[str, str], list[CellResult]] = defaultdict(list)
+    for cell in cells:
+        if cell.spec["attack"]["data"] in _DIMRA_COLUMNS:
+            groups[(cell.concept, cell.spec["label"])].append(cell)
+    if not groups:
+        raise UnrelearnError("the store holds no DiMRA cell (attack data dimra-retain, dimra-aux or dimra-aux-model)")
+    rows = []
+    curves: dict[str, tuple[str, dict[str, list[dict[str, Any]]]]] = {}
+    for (concept, label), group in sorted(groups.items()):
+        method, steps = _method_and_steps(group[0])
+        start = next(p for p in group[0].points if p["step"] == 0)
+        row: dict[str, Any] = {
+            "class": concept, "method": method, "label": label, "unlearn_steps": steps,
+            "fid": start["fid"], "kid": start["kid"], "ar": start["forget_rate"], "ar_ci": start["forget_rate_ci"],
+            "alternative_rate": start.get("alternative_rate"), "alternative_rate_ci": start.get("alternative_rate_ci"),
+            "retain_alignment": start["retain_alignment"],
+        }  # fmt: skip
+        for data, column in _DIMRA_COLUMNS.items():
+            attacked = [c for c in group if c.spec["attack"]["data"] == data]
+            if not attacked:
+                continue
+            worst_cell, worst = max(((c, curve_maximum(c.points, after=1)) for c in attacked), key=lambda cw: cw[1]["value"])
+            last = worst_cell.points[-1]
+            row |= {
+                f"max_ar_{column}": worst["value"], f"max_ar_{column}_ci": worst["ci"], f"max_ar_{column}_step": worst["step"],
+                f"max_ar_{column}_attack": worst_cell.attack,
+                f"alternative_rate_after_{column}": last.get("alternative_rate"),
+                f"alternative_rate_after_{column}_ci": last.get("alternative_rate_ci"),
+            }  # fmt: skip
+            for cell in attacked:
+                name = f"curve-{concept}-{data}-{digest(cell.attack)[:8]}.png"
+                curves.setdefault(name, (f"{concept}: AR during {cell.attack}", {}))[1][label] = cell.points
+        rows.append(row)
+
+    columns = [c for c in _DIMRA_COLUMNS.values() if any(f"max_ar_{c}" in r for r in rows)]
+    header = (["class", "method", "unlearn steps", "FID", "AR [95% CI]", "alternative rate [95% CI]"]
+              + [f"max AR, DiMRA {c.removeprefix('dimra_')} [95% CI] (step)" for c in columns]
+              + [f"alternative rate after DiMRA {c.removeprefix('dimra_')}" for c in columns])  # fmt: skip
+    lines = [
+        "# DiMRA study", "",
+        ("AR: share of generations from prompts naming the class that the world's detector classifies as the class; "
+        "alternative rate: share classified as the alternative class; FID in the detector's features against real "
+        "training images of the retain classes; max AR: the highest AR any evaluated step of the DiMRA attack "
+        "reached (worst case over the attack settings run). 95% bootstrap intervals."), "", made, "",
+        "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+    ]  # fmt: skip
+    for r in rows:
+        cells_md = [r["class"], r["label"], "-" if r["unlearn_steps"] is None else str(r["unlearn_steps"]),
+                    "n/a" if r["fid"] is None else f"{r['fid']:.1f}", _rate(r["ar"], r["ar_ci"]),
+                    _rate(r["alternative_rate"], r["alternative_rate_ci"])]  # fmt: skip
+        for c in columns:
+            cells_md.append(f"{_rate(r[f'max_ar_{c}'], r[f'max_ar_{c}_ci'])} ({r[f'max_ar_{c}_step']})" if f"max_ar_{c}" in r else "-")
+        for c in columns:
+            cells_md.append(_rate(r.get(f"alternative_rate_after_{c}"), r.get(f"alternative_rate_after_{c}_ci")))
+        lines.append("| " + " | ".join(cells_md) + " |")
+    lines += ["", "Curves: " + ", ".join(f"[{name}]({name})" for name in sorted(curves)), ""]
+    return TableOutput(rows, "\n".join(lines), curves)
