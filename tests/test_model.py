@@ -145,3 +145,20 @@ def test_a_prompt_embedding_does_not_depend_on_the_attention_backend_of_its_call
     with differentiable_attention():
         inside = DiffusionModel(tiny_unet(), *minilm, DDPMScheduler(), max_length=20).encode_prompts(prompts)
     assert torch.equal(outside, inside)
+
+
+def test_a_prompt_embedding_does_not_depend_on_the_prompts_encoded_with_it(tmp_path, minilm):
+    """Batched, a row's rounding depends on the rest of the batch: the cache must hold the same
+    bits whether a prompt was first met alone or among others (found on the tiny CLIP folder,
+    where a saved and reloaded model sampled 7e-7 apart)."""
+    clip = _tiny_clip(tmp_path)
+    prompts = ["a cat", "a dog sitting on a mat", "a bird", "a red circle on a black background"]
+    for encoder, tokenizer, length in ((*minilm, 20), (*clip, None)):
+        kwargs = {"max_length": length} if length else {}
+
+        def fresh():
+            return DiffusionModel(tiny_unet(8, 4, 32) if length is None else tiny_unet(), encoder, tokenizer, DDPMScheduler(), **kwargs)
+
+        together = fresh().encode_prompts(prompts)
+        alone = torch.cat([fresh().encode_prompts([p]) for p in prompts])
+        assert torch.equal(together, alone)

@@ -153,10 +153,13 @@ class DiffusionModel:
             # met inside differentiable_attention() would otherwise be cached with the math
             # kernel's rounding, and results would depend on where a run met it first (a
             # resumed ResAlign run did).
+            # One prompt per forward pass: batched, a row's rounding depends on which other prompts
+            # share its batch (1e-7 here, measured), so a prompt's embedding, and every sample
+            # after it, would depend on the order in which a run first met its prompts.
+            encode = self._encode if self.text_encoder_2 is None else self._encode_sdxl
             with default_attention():
-                hidden = self._encode(list(missing)) if self.text_encoder_2 is None else self._encode_sdxl(list(missing))
-            for prompt, embedding in zip(missing, hidden):
-                self._prompt_cache[prompt] = embedding
+                for prompt in missing:
+                    self._prompt_cache[prompt] = encode([prompt])[0]
         for prompt in prompts:
             self._prompt_cache.move_to_end(prompt)
         result = torch.stack([self._prompt_cache[p] for p in prompts])
