@@ -151,14 +151,13 @@ def test_a_prompt_embedding_does_not_depend_on_the_prompts_encoded_with_it(tmp_p
     """Batched, a row's rounding depends on the rest of the batch: the cache must hold the same
     bits whether a prompt was first met alone or among others (found on the tiny CLIP folder,
     where a saved and reloaded model sampled 7e-7 apart)."""
-    clip = _tiny_clip(tmp_path)
+    clip_encoder, clip_tokenizer = _tiny_clip(tmp_path)
     prompts = ["a cat", "a dog sitting on a mat", "a bird", "a red circle on a black background"]
-    for encoder, tokenizer, length in ((*minilm, 20), (*clip, None)):
-        kwargs = {"max_length": length} if length else {}
-
-        def fresh():
-            return DiffusionModel(tiny_unet(8, 4, 32) if length is None else tiny_unet(), encoder, tokenizer, DDPMScheduler(), **kwargs)
-
+    builders = [
+        lambda: DiffusionModel(tiny_unet(), *minilm, DDPMScheduler(), max_length=20),
+        lambda: DiffusionModel(tiny_unet(8, 4, 32), clip_encoder, clip_tokenizer, DDPMScheduler()),
+    ]
+    for fresh in builders:
         together = fresh().encode_prompts(prompts)
         alone = torch.cat([fresh().encode_prompts([p]) for p in prompts])
         assert torch.equal(together, alone)
