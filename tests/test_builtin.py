@@ -15,6 +15,8 @@ def test_builtin_models_are_listed():
     assert {"shapes", "shapes-oracle-circle"} <= set(builtin_models())
     oracle = load_model("builtin:shapes-oracle-circle")
     assert oracle.info["excluded_concept"] == "circle" and oracle.guidance == 1.5
+    digits_oracle = load_model("builtin:digits-oracle-seven")
+    assert digits_oracle.info["excluded_concept"] == "seven" and digits_oracle.world == "digits"
 
 
 def test_evaluation_is_deterministic(base):
