@@ -149,13 +149,11 @@ class DiffusionModel:
         """Token embeddings (B, L, D) of the frozen text encoder, the UNet's cross-attention context."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
-            # With every attention backend allowed, whatever the caller restricted: a prompt first
-            # met inside differentiable_attention() would otherwise be cached with the math
-            # kernel's rounding, and results would depend on where a run met it first (a
-            # resumed ResAlign run did).
-            # One prompt per forward pass: batched, a row's rounding depends on which other prompts
-            # share its batch (1e-7 here, measured), so a prompt's embedding, and every sample
-            # after it, would depend on the order in which a run first met its prompts.
+            # A prompt's cached bits must not depend on where a run first met it: so with every
+            # attention backend allowed, whatever the caller restricted (inside
+            # differentiable_attention() it would be cached with the math kernel's rounding; a
+            # resumed ResAlign run differed), and one prompt per forward pass (batched, a row's
+            # rounding depends on the other prompts in its batch: 1e-7, measured).
             encode = self._encode if self.text_encoder_2 is None else self._encode_sdxl
             with default_attention():
                 for prompt in missing:
