@@ -12,11 +12,22 @@ def base():
 
 
 def test_builtin_models_are_listed():
-    assert {"shapes", "shapes-oracle-circle"} <= set(builtin_models())
-    oracle = load_model("builtin:shapes-oracle-circle")
-    assert oracle.info["excluded_concept"] == "circle" and oracle.guidance == 1.5
-    digits_oracle = load_model("builtin:digits-oracle-seven")
-    assert digits_oracle.info["excluded_concept"] == "seven" and digits_oracle.world == "digits"
+    oracles = {"shapes-oracle-circle": ("shapes", "circle"), "shapes-oracle-striped": ("shapes", "striped"),
+               "digits-oracle-seven": ("digits", "seven"), "digits-oracle-zero": ("digits", "zero"),
+               "digits-oracle-four": ("digits", "four")}  # fmt: skip
+    assert {"shapes", "digits", *oracles} <= set(builtin_models())
+    for name, (world, concept) in oracles.items():
+        oracle = load_model(f"builtin:{name}")
+        assert (oracle.world, oracle.info["excluded_concept"], oracle.guidance) == (world, concept, 1.5), name
+
+
+def test_style_oracle_never_draws_its_style_but_draws_the_rest():
+    # The striped oracle never saw a striped render: asked for stripes it draws another texture.
+    # Measured on these 32 samples: forget rate 0.00 (the base model's: 1.00), alignment 0.94.
+    oracle = load_model("builtin:shapes-oracle-striped")
+    metrics = evaluate(oracle, "striped", EvalConfig(samples=32, seed=0), progress=False).metrics
+    assert metrics["forget_rate"] <= 0.1, metrics
+    assert metrics["retain_alignment"] >= 0.75, metrics
 
 
 def test_evaluation_is_deterministic(base):
