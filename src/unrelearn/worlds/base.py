@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -81,6 +82,28 @@ class World(Protocol):
     def parse(self, text: str) -> Caption: ...
 
     def describe(self, attributes: dict[str, str]) -> str: ...
+
+
+class LabelledWorld(ABC):
+    """A world whose images are drawn from attribute labels (a renderer or a labelled data set):
+    a caption's stated attributes are kept, the ones it leaves open drawn at random."""
+
+    @abstractmethod
+    def sample_labels(self, n: int, generator: torch.Generator, exclude: str | None = None) -> list[dict[str, str]]: ...
+
+    @abstractmethod
+    def render_labels(
+        self, labels: list[dict[str, str]], generator: torch.Generator, heldout: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def render(
+        self, captions: list[Caption], generator: torch.Generator, heldout: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Images of ``captions`` and their label indices (see ``World.render``)."""
+        labels = self.sample_labels(len(captions), generator)
+        for row, caption in zip(labels, captions):
+            row.update(caption.attributes)
+        return self.render_labels(labels, generator, heldout)
 
 
 _WORLDS: dict[str, Callable[[], World]] = {}

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from unrelearn.errors import UnrelearnError
-from unrelearn.worlds.base import Caption, ConceptSets, register_world
+from unrelearn.worlds.base import Caption, ConceptSets, LabelledWorld, register_world
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # The paper's phrasing families: the class named as a word or as a numeral, in several forms.
@@ -75,7 +75,7 @@ def split_indices(labels: torch.Tensor, heldout_fraction: float = HELDOUT_FRACTI
     return torch.cat(train).sort().values, torch.cat(heldout).sort().values
 
 
-class DigitsWorld:
+class DigitsWorld(LabelledWorld):
     """Real handwritten digits at ``resolution`` pixels, white ink on black, three channels."""
 
     name = "digits"
@@ -190,15 +190,6 @@ class DigitsWorld:
             picks.append(pool[int(torch.randint(len(pool), (1,), generator=generator))])
         chosen = torch.stack(picks) if picks else torch.zeros(0, dtype=torch.long)
         return self._images[chosen].clone(), {"digit": index}
-
-    def render(
-        self, captions: list[Caption], generator: torch.Generator, heldout: bool = False
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Scans of the captions' digits (training split, or held-out); an unstated digit is random."""
-        labels = self.sample_labels(len(captions), generator)
-        for row, caption in zip(labels, captions):
-            row.update(caption.attributes)
-        return self.render_labels(labels, generator, heldout)
 
     def training_batch(
         self, n: int, generator: torch.Generator, exclude: str | None = None

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from unrelearn.errors import UnrelearnError
-from unrelearn.worlds.base import Caption, ConceptSets, register_world
+from unrelearn.worlds.base import Caption, ConceptSets, LabelledWorld, register_world
 
 SHAPES: dict[str, list[str]] = {
     "circle": ["circle", "disc", "round disk", "dot"],
@@ -69,7 +69,7 @@ _PHRASINGS_PER_SET = 8
 _STATE_PROBABILITY = {"shape": 0.9, "colour": 0.85, "texture": 0.75, "background": 0.5}
 
 
-class ShapesWorld:
+class ShapesWorld(LabelledWorld):
     """Procedural 16x16 (by default) images of one shape with exact labels."""
 
     ground_truth = True
@@ -281,15 +281,6 @@ class ShapesWorld:
             if text not in leaked:
                 captions.append(Caption(text, labels))
         return captions
-
-    def render(
-        self, captions: list[Caption], generator: torch.Generator, heldout: bool = False
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Ground-truth images of ``captions``; attributes they leave open are drawn at random."""
-        labels = self.sample_labels(len(captions), generator)
-        for row, caption in zip(labels, captions):
-            row.update(caption.attributes)
-        return self.render_labels(labels, generator, heldout)
 
     def render_labels(
         self, labels: list[dict[str, str]], generator: torch.Generator, heldout: bool = False
