@@ -194,13 +194,51 @@ def test_scissorhands_reinitialises_exactly_the_trimmed_weights(tiny_digits_mode
     cls, _ = resolve_method("shs")
     model = copy.deepcopy(tiny_digits_model)
     before = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
-    method = cls(model, WORLD.concept_sets("seven"), build_config(cls, "digits", {"sparsity": 0.99, "batch_size": 2}), WORLD)
+    options = {"sparsity": 0.99, "batch_size": 2, "reinit": "all"}
+    method = cls(model, WORLD.concept_sets("seven"), build_config(cls, "digits", options), WORLD)
     counts = method.trim()
     total = sum(p.numel() for p in before.values())
     assert sum(counts.values()) == total - math.ceil(0.99 * total)
     changed = {n: int((p.detach() != before[n]).sum()) for n, p in model.unet.named_parameters()}
     # Zero-initialised biases that were already zero do not change; nothing outside the mask does.
     assert all(changed[n] <= counts.get(n, 0) for n in changed) and sum(changed.values()) > 0.9 * sum(counts.values())
+
+
+def test_scissorhands_official_scope_reinitialises_only_the_decoder_self_attention(tiny_digits_model):
+    # The official SD code thresholds over the whole UNet but replaces trimmed weights only in
+    # attn1 of SD v1's output_blocks.4 and .7: diffusers' up_blocks.1/2.attentions.1 there, the
+    # first two up blocks with two attentions here.
+    import copy
+
+    from unrelearn.methods.base import build_config, resolve_method
+    from unrelearn.methods.scissorhands import official_reinit_pattern
+
+    cls, _ = resolve_method("shs")
+    every, official = copy.deepcopy(tiny_digits_model), copy.deepcopy(tiny_digits_model)
+    sets, options = WORLD.concept_sets("seven"), {"sparsity": 0.9, "batch_size": 2}
+    all_counts = cls(every, sets, build_config(cls, "digits", options | {"reinit": "all"}), WORLD).trim()
+    counts = cls(official, sets, build_config(cls, "digits", options), WORLD).trim()
+    scope = official_reinit_pattern(official.unet)
+    assert counts and all(scope.search(name) and ".attn1." in name for name in counts)
+    # Same global threshold: inside the scope exactly the weights "all" trims there.
+    assert counts == {name: n for name, n in all_counts.items() if scope.search(name)}
+    before = dict(tiny_digits_model.unet.named_parameters())
+    changed = [n for n, p in official.unet.named_parameters() if not torch.equal(p, before[n])]
+    assert changed and all(scope.search(n) for n in changed)
+    sd_names = ["up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q.weight",
+                "up_blocks.2.attentions.1.transformer_blocks.0.attn1.to_out.0.bias",
+                "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+                "up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_q.weight",
+                "up_blocks.3.attentions.1.transformer_blocks.0.attn1.to_q.weight"]  # fmt: skip
+
+    class Block(torch.nn.Module):
+        def __init__(self, attentions: int) -> None:
+            super().__init__()
+            self.attentions = torch.nn.ModuleList(torch.nn.Identity() for _ in range(attentions))
+
+    sd_v1 = torch.nn.Module()
+    sd_v1.up_blocks = torch.nn.ModuleList([torch.nn.Module(), Block(3), Block(3), Block(3)])
+    assert [bool(official_reinit_pattern(sd_v1).search(n)) for n in sd_names] == [True, True, False, False, False]
 
 
 def test_alternative_rate_and_max_during_attack_by_hand():

@@ -4,11 +4,13 @@ then repair, as the UnlearnCanvas benchmark (and the DiMRA/DiMUM paper) run it o
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import torch
 
+from unrelearn.errors import UnrelearnError
 from unrelearn.methods.base import OptimizationConfig, OptimizationMethod, register_method
 from unrelearn.options import NonNegativeFloat, PositiveInt, Range
 from unrelearn.training import Trainer
@@ -28,10 +30,27 @@ def trim_mask(sensitivity: dict[str, torch.Tensor], keep: float) -> dict[str, to
     return {name: s > threshold for name, s in sensitivity.items()}
 
 
+def official_reinit_pattern(unet: torch.nn.Module) -> re.Pattern[str]:
+    """The weights the official SD code re-initialises: the threshold is global, but only trimmed
+    weights in the self-attention (``attn1``) of SD v1's ``output_blocks.4`` and ``.7`` are
+    replaced, i.e. the second attention of the first two cross-attention up blocks
+    (``up_blocks.1.attentions.1`` and ``up_blocks.2.attentions.1`` in diffusers' SD v1 UNet).
+    The same rule names the matching layers of any diffusers UNet."""
+    blocks = [i for i, block in enumerate(unet.up_blocks) if len(getattr(block, "attentions", [])) > 1][:2]
+    if not blocks:
+        raise UnrelearnError("this UNet has no up block with two attentions: Scissorhands' official "
+                             "re-initialisation scope is empty; pass -o reinit=all")  # fmt: skip
+    return re.compile(rf"^up_blocks\.({'|'.join(map(str, blocks))})\.attentions\.1\..*\.attn1\.")
+
+
 @dataclass
 class ScissorhandsConfig(OptimizationConfig):
-    """Official SD defaults: keep 99% of the weights (``sparsity`` 0.99), re-initialise the 1%
-    most forget-sensitive (Kaiming for weight tensors, zero otherwise), then repair with
+    """Official SD defaults: threshold at the 1% most forget-sensitive weights (``sparsity``
+    0.99, over the whole UNet), re-initialise those of them inside the official code's layers
+    (``reinit`` "official", see :func:`official_reinit_pattern`; "all" replaces every trimmed
+    weight, which on the embedded UNets hits ``conv_in``, ``conv_out`` and normalisation scales and
+    destroys the model: ``benchmarks/shs_trim_damage.py``), Kaiming for weight tensors, zero
+    otherwise, then repair with
     ``L_DM(retain) + lambda L_forget`` (lambda 0.1), Adam lr 5e-5, batch 16. The repair's forget
     term denoises the alternative concept's images under the forget prompts (the DiMRA paper's
     UnlearnCanvas setting)."""
@@ -42,6 +61,7 @@ class ScissorhandsConfig(OptimizationConfig):
     sparsity: Annotated[float, Range(low=0, high=1)] = 0.99
     prune_batches: PositiveInt = 1
     forget_weight: NonNegativeFloat = 0.1
+    reinit: Literal["official", "all"] = "official"
 
 
 @register_method
@@ -68,6 +88,9 @@ class Scissorhands(OptimizationMethod):
                     gradients[name] += p.grad.detach().abs()
         self.model.unet.zero_grad(set_to_none=True)
         mask = trim_mask(connection_sensitivity(params, gradients), self.config.sparsity)
+        if self.config.reinit == "official":
+            scope = official_reinit_pattern(self.model.unet)
+            mask = {name: m if scope.search(name) else torch.zeros_like(m) for name, m in mask.items()}
         generator = torch.Generator().manual_seed(self.config.seed * 7919 + 104729)
         counts = {}
         with torch.no_grad():
