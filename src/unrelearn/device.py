@@ -6,6 +6,8 @@ import torch
 
 from unrelearn.errors import UnrelearnError
 
+_closes_at_exit = False
+
 
 def accelerate_state():
     """accelerate's process state, created the same way wherever it is first asked for: on a
@@ -16,7 +18,17 @@ def accelerate_state():
     from accelerate import PartialState
 
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return PartialState(cpu=launched and not torch.cuda.is_available())
+    state = PartialState(cpu=launched and not torch.cuda.is_available())
+    global _closes_at_exit
+    if launched and not _closes_at_exit:
+        # A process group still alive at interpreter exit can abort the process while its
+        # communication threads are torn down ("terminate called without an active exception",
+        # seen once in the two-process test on a loaded machine); tear it down first.
+        import atexit
+
+        atexit.register(state.destroy_process_group)
+        _closes_at_exit = True
+    return state
 
 
 def resolve_device(name: str | None) -> torch.device:
