@@ -12,7 +12,6 @@ many of them are normalisation scales, and the tensors that lost most.
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 
 import torch
 
@@ -41,11 +40,9 @@ def main() -> None:
         counts = method.trim()
         with torch.no_grad():
             after = float(method.retain_loss(torch.Generator().manual_seed(1)))
-        kinds = Counter()
-        for name, n in counts.items():
-            kinds["norm scale" if "norm" in name and name.endswith("weight") else "other"] += n
+        norm_scales = sum(n for name, n in counts.items() if "norm" in name and name.endswith("weight"))
         top = ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])[:3])
-        print(f"reinit {reinit}, sparsity {sparsity}: {sum(counts.values())} weights trimmed ({kinds['norm scale']} norm scales); "
+        print(f"reinit {reinit}, sparsity {sparsity}: {sum(counts.values())} weights trimmed ({norm_scales} norm scales); "
               f"retain loss {before:.4f} -> {after:.4f}; most trimmed: {top}", flush=True)  # fmt: skip
 
 
