@@ -1,0 +1,68 @@
+"""How much of a method's FID is the method, and how much the unlearning run's seed?
+
+Reads `benchmarks/fid_noise.py` outputs of models unlearned with different `--seed`s and prints,
+per group, each run's FID (mean over the evaluation seeds) and the mean over runs with its 95%
+Student-t interval, so two methods are compared over unlearning runs rather than on one run each.
+
+    python benchmarks/fid_unlearn_seeds.py --group 'salun-250=DIR/seven-salun-250-s*.json' \\
+        --group 'dimum-250=DIR/seven-dimum-250-s*.json' [--samples 512] [--out docs/dimra/quality/unlearn_seeds]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from scipy import stats
+
+from unrelearn.io import write_json_atomic, write_text_atomic
+
+
+def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """The Student-t interval of the mean of ``values`` (needs two or more)."""
+    mean = statistics.mean(values)
+    half = stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return mean - half, mean + half
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--group", action="append", required=True, help="LABEL=GLOB of fid_noise.py JSON files")
+    parser.add_argument("--samples", default="512", help="the sample count to read from each file")
+    parser.add_argument("--metric", default="fid", choices=["fid", "kid", "precision"])
+    parser.add_argument("--out", type=Path, default=None, help="writes OUT.json and OUT.md")
+    args = parser.parse_args()
+
+    rows, lines = [], []
+    for group in args.group:
+        label, _, pattern = group.partition("=")
+        files = sorted(glob.glob(pattern))
+        if len(files) < 2:
+            sys.exit(f"error: --group {label}: {pattern!r} matches {len(files)} file(s); an interval needs 2 or more")
+        runs = []
+        for file in files:
+            record = json.loads(Path(file).read_text())
+            if args.samples not in record["by_samples"]:
+                sys.exit(f"error: {file} has no {args.samples}-sample entry; pass --samples {','.join(record['by_samples'])}")
+            runs.append({"file": file, "model": record["model"], "value": statistics.mean(record["by_samples"][args.samples][args.metric])})
+        values = [r["value"] for r in runs]
+        low, high = t_interval(values)
+        rows.append({"group": label, "metric": args.metric, "samples": int(args.samples), "runs": runs,
+                     "mean": statistics.mean(values), "ci95": [low, high], "min": min(values), "max": max(values)})
+        per_run = ", ".join(f"{v:.4g}" for v in values)
+        lines.append(f"| {label} | {len(values)} | {per_run} | {statistics.mean(values):.4g} [{low:.4g}, {high:.4g}] |")
+    table = "\n".join([f"| group | runs | {args.metric.upper()} per run (mean of its evaluation seeds) | mean over runs [95% t-interval] |",
+                       "|---|---|---|---|", *lines])
+    print(table)
+    if args.out:
+        command = "python benchmarks/fid_unlearn_seeds.py " + " ".join(f"--group '{g}'" for g in args.group)
+        write_json_atomic(args.out.with_suffix(".json"), {"command": command, "rows": rows})
+        write_text_atomic(args.out.with_suffix(".md"), f"`{command}`\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
