@@ -53,6 +53,10 @@ def main() -> None:
     for cls in classes:
         images, _ = world.render(cycle_captions(by_class[cls], args.reference), torch.Generator().manual_seed(20_251_126))
         references[cls] = detector_features(detector, images)
+    # KID's features are standardized by the pooled reference: some features are constant
+    # within one class, and dividing by that class's own spread blows them up.
+    pooled = torch.cat(list(references.values()))
+    mean, deviation = pooled.mean(0), pooled.std(0).clamp_min(1e-6)
     rows = []
     for name in models:
         model = load_model(name)
@@ -62,7 +66,6 @@ def main() -> None:
             reference = references[cls]
             generated = retain_generations(model, cycle_captions(by_class[cls], args.samples), config)
             features = detector_features(detector, generated)
-            mean, deviation = reference.mean(0), reference.std(0).clamp_min(1e-6)
             row = {
                 "model": name, "class": cls, "samples": args.samples,
                 "fid": frechet_distance(reference, features),
