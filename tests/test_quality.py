@@ -73,3 +73,32 @@ def test_more_quality_samples_change_only_the_quality_metrics(tiny_model):
     for key in ("forget_rate", "forget_rate_ci", "retain_alignment", "retain_alignment_ci"):
         assert plain[key] == more[key], key
     assert plain["fid"] != more["fid"]
+
+
+
+def test_fid_over_unlearning_seeds_is_the_mean_of_runs_with_its_t_interval(tmp_path, monkeypatch, capsys):
+    """benchmarks/fid_unlearn_seeds.py: each run's FID is the mean over its evaluation seeds;
+    the interval is Student's t over runs (hand-computed: runs 1, 2, 3 -> 2 +- 4.3027 / sqrt 3)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import pytest
+
+    path = Path(__file__).parents[1] / "benchmarks" / "fid_unlearn_seeds.py"
+    spec = importlib.util.spec_from_file_location("fid_unlearn_seeds", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for run, fids in enumerate([[0.5, 1.5], [2.0, 2.0], [2.5, 3.5]]):
+        (tmp_path / f"m-s{run}.json").write_text(json.dumps({"model": f"m{run}", "by_samples": {"512": {"fid": fids}}}))
+    out = tmp_path / "summary"
+    monkeypatch.setattr("sys.argv", ["x", "--group", f"m={tmp_path}/m-s*.json", "--out", str(out)])
+    script.main()
+    row = json.loads(out.with_suffix(".json").read_text())["rows"][0]
+    assert [r["value"] for r in row["runs"]] == [1.0, 2.0, 3.0]
+    half = 4.302652729911275 / 3**0.5
+    assert abs(row["mean"] - 2.0) < 1e-12
+    assert abs(row["ci95"][0] - (2.0 - half)) < 1e-9 and abs(row["ci95"][1] - (2.0 + half)) < 1e-9
+    monkeypatch.setattr("sys.argv", ["x", "--group", f"m={tmp_path}/m-s0.json"])
+    with pytest.raises(SystemExit, match="an interval needs 2 or more"):
+        script.main()
