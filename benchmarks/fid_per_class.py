@@ -4,7 +4,7 @@ For each model and each retain class of the concept's attribute (default: all of
 model samples ``--samples`` generations from the retain prompts naming that class (the seeds
 `unrelearn evaluate --seed S` uses for quality), and FID / KID / the detector's class rate are
 measured against ``--reference`` ground-truth images of the same prompts, in the detector's
-features. A model that memorised a few images of one class (DiMUM's alternative) shows up as
+features. A model that memorised a few images of one class (DiMUM's alternative) would show up as
 that class's FID alone rising.
 
     python benchmarks/fid_per_class.py --models builtin:digits,DIR1,DIR2 --concept seven \\
