@@ -24,9 +24,8 @@ from unrelearn.io import write_json_atomic, write_text_atomic
 
 def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
     """The Student-t interval of the mean of ``values`` (needs two or more)."""
-    mean = statistics.mean(values)
-    half = stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-    return mean - half, mean + half
+    low, high = stats.t.interval(confidence, len(values) - 1, loc=statistics.mean(values), scale=stats.sem(values))
+    return float(low), float(high)
 
 
 def main() -> None:
