@@ -293,21 +293,46 @@ def test_method_changes_only_its_scope(tiny_model, method, scope):
     assert changed and changed <= allowed
 
 
-def test_sdd_saves_its_ema_teacher(tiny_model):
-    from unrelearn.methods.sdd import SDD
+def test_sdd_saves_its_ema_teacher(tiny_model, monkeypatch):
     from unrelearn.training import Trainer
-    from unrelearn.worlds import get_world
 
-    world = get_world("shapes")
-    method = SDD(tiny_model, world.concept_sets("circle"), SDD.Config(**FAST["sdd"], lr=1e-2, ema_decay=0.5), world)
-    trainer = Trainer(method.parameters(), method.loss, method.train_config(), progress=False)
-    method.bind(trainer)
-    trainer.run()
-    raw = {n: p.detach().clone() for n, p in method.parameters().items()}
-    method.finish()
-    for name, p in method.parameters().items():
-        assert torch.equal(p, trainer.ema[name])
-    assert any(not torch.equal(raw[n], trainer.ema[n]) for n in raw)
+    trainers = []
+    run = Trainer.run
+    monkeypatch.setattr(Trainer, "run", lambda self, **kw: trainers.append(self) or run(self, **kw))
+    unlearn(tiny_model, "sdd", "circle", overrides=FAST["sdd"] | {"lr": 1e-2, "ema_decay": 0.5}, progress=False)
+    (trainer,) = trainers
+    # The last iterate differs from the EMA at decay 0.5, so equality means the EMA was copied.
+    assert trainer.optimizer.state and all(torch.equal(p, trainer.ema[n]) for n, p in trainer.params.items())
+
+
+@pytest.mark.parametrize("method, options", [("esd-u-1", {"ddim_steps": 4}), ("dimum", {})])
+def test_saved_weights_are_the_moving_average_of_the_iterates(minilm, method, options):
+    """With ``ema_decay`` the saved model equals the EMA computed by hand from the last iterates
+    of 1-, 2- and 3-step runs (a run's first k steps are the k-step run), decay min(d, (1+s)/(10+s))."""
+    from conftest import tiny_unet
+    from diffusers import DDPMScheduler
+
+    from unrelearn.model import DiffusionModel
+
+    def weights(steps: int | None, **extra) -> dict[str, torch.Tensor]:
+        model = DiffusionModel(tiny_unet(), *minilm, DDPMScheduler(beta_schedule="squaredcos_cap_v2"), max_length=20,
+                               info={"world": "shapes"})  # fmt: skip
+        if steps is not None:
+            overrides = {"steps": steps, "batch_size": 2, "lr": 1e-2, "seed": 1} | extra
+            unlearn(model, method, "circle", overrides=overrides, progress=False)
+        return {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+
+    iterates = [weights(None)] + [weights(k, **options) for k in (1, 2, 3)]
+    expected, ema_decay = iterates[0], 0.15
+    for step in range(3):
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        expected = {n: decay * expected[n] + (1 - decay) * iterates[step + 1][n] for n in expected}
+    saved = weights(3, ema_decay=ema_decay, **options)
+    changed = [n for n in saved if not torch.equal(iterates[3][n], iterates[0][n])]
+    assert changed
+    for name in saved:
+        torch.testing.assert_close(saved[name], expected[name], rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(saved[n], iterates[3][n]) for n in changed)
 
 
 @pytest.mark.parametrize("method", ["sdd", "salun", "ca", "erasediff"])

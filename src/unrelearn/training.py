@@ -228,7 +228,7 @@ class Trainer:
         self.optimizer = make_optimizer(list(self.params.values()), config)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.lr_factor)
         self.ema: dict[str, torch.Tensor] | None = (
-            {name: p.detach().clone() for name, p in self.params.items()} if config.ema_decay else None
+            {name: p.detach().clone() for name, p in self.params.items()} if config.ema_decay is not None else None
         )
         self.initial_norm: float | None = None
         self.processes = Processes()

@@ -76,6 +76,3 @@ class SDD(OptimizationMethod):
         with torch.no_grad():
             target = model.predict_noise(x_t, t, model.encode_prompts([""] * len(prompts)), self.ema_unet)
         return torch.nn.functional.mse_loss(model.predict_noise(x_t, t, model.encode_prompts(prompts)), target)
-
-    def finish(self) -> None:
-        self.trainer.copy_ema_to_params()
