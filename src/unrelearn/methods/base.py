@@ -27,7 +27,13 @@ from unrelearn.errors import UnrelearnError
 from unrelearn.io import ensure_writable_parent, library_versions, output_lock
 from unrelearn.model import DiffusionModel, copy_unet, default_attention, differentiable_attention
 from unrelearn.options import (
-    Fraction, NonNegativeFloat, NonNegativeInt, Options, PositiveFloat, PositiveInt, check_options,
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    Options,
+    PositiveFloat,
+    PositiveInt,
+    check_options,
 )
 from unrelearn.training import OptimizerName, Processes, TrainConfig, Trainer, parameter_digest
 from unrelearn.worlds import ConceptSets, World, get_world
