@@ -92,7 +92,9 @@ def test_denoise_groups_equals_separate_denoise_calls(tiny_model):
 
 
 def test_esd_batched_x_t_gives_the_step_by_step_weights(minilm, monkeypatch):
-    """x_t sampled X_T_BLOCK steps at a time (across a block boundary) = one step at a time."""
+    """x_t sampled X_T_BLOCK steps at a time (across a block boundary) = one step at a time.
+    SGD, not Adam: Adam's normalisation blows the rounding of batched matmuls on one thread
+    (OMP_NUM_THREADS=1) up to 2e-4 in 23 steps; SGD keeps it at 2e-7."""
     from conftest import tiny_unet
     from diffusers import DDPMScheduler
 
@@ -104,9 +106,12 @@ def test_esd_batched_x_t_gives_the_step_by_step_weights(minilm, monkeypatch):
         monkeypatch.setattr(esd, "X_T_BLOCK", block)
         model = DiffusionModel(tiny_unet(), *minilm, DDPMScheduler(beta_schedule="squaredcos_cap_v2"), max_length=20,
                                info={"world": "shapes"})  # fmt: skip
-        unlearn(model, "esd-u-1", "circle", overrides=FAST_ESD | {"steps": 23, "lr": 1e-2}, progress=False)
+        initial = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+        overrides = FAST_ESD | {"steps": 23, "lr": 1e-1, "optimizer": "sgd"}
+        unlearn(model, "esd-u-1", "circle", overrides=overrides, progress=False)
         weights.append(model.unet.state_dict())
-    assert all(torch.allclose(weights[0][n], weights[1][n], atol=1e-7) for n in weights[0])
+    assert max((weights[1][n] - initial[n]).abs().max() for n in initial) > 1e-3
+    assert all(torch.allclose(weights[0][n], weights[1][n], atol=1e-6) for n in weights[0])
 
 
 def test_esd_rejects_an_unknown_x_t_source(tiny_model, tmp_path):
