@@ -3,9 +3,11 @@
 Reads `benchmarks/fid_noise.py` outputs of models unlearned with different `--seed`s and prints,
 per group, each run's FID (mean over the evaluation seeds) and the mean over runs with its 95%
 Student-t interval, so two methods are compared over unlearning runs rather than on one run each.
+``--compare A,B`` adds the difference of means B - A with its 95% Welch interval and p-value.
 
     python benchmarks/fid_unlearn_seeds.py --group 'salun-250=DIR/seven-salun-250-s*.json' \\
-        --group 'dimum-250=DIR/seven-dimum-250-s*.json' [--samples 512] [--out docs/dimra/quality/unlearn_seeds]
+        --group 'dimum-250=DIR/seven-dimum-250-s*.json' [--compare salun-250,dimum-250] [--samples 512]
+        [--out docs/dimra/quality/unlearn_seeds]
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--group", action="append", required=True, help="LABEL=GLOB of fid_noise.py JSON files")
     parser.add_argument("--samples", default="512", help="the sample count to read from each file")
     parser.add_argument("--metric", default="fid", choices=["fid", "kid", "precision"])
+    parser.add_argument("--compare", action="append", default=[], help="A,B: the difference B - A of two groups")
     parser.add_argument("--out", type=Path, default=None, help="writes OUT.json and OUT.md")
     args = parser.parse_args()
 
@@ -56,11 +59,31 @@ def main() -> None:
         lines.append(f"| {label} | {len(values)} | {per_run} | {statistics.mean(values):.4g} [{low:.4g}, {high:.4g}] |")
     table = "\n".join([f"| group | runs | {args.metric.upper()} per run (mean of its evaluation seeds) | mean over runs [95% t-interval] |",
                        "|---|---|---|---|", *lines])
+    comparisons = [_compare(rows, spec) for spec in args.compare]
+    if comparisons:
+        table += "\n\n| B - A | difference of means [95% Welch interval] | Welch p |\n|---|---|---|\n" + "\n".join(
+            f"| {c['b']} - {c['a']} | {c['difference']:.4g} [{c['ci95'][0]:.4g}, {c['ci95'][1]:.4g}] | {c['p']:.2g} |"
+            for c in comparisons
+        )
     print(table)
     if args.out:
         command = "python benchmarks/fid_unlearn_seeds.py " + " ".join(f"--group '{g}'" for g in args.group)
-        write_json_atomic(args.out.with_suffix(".json"), {"command": command, "rows": rows})
+        command += "".join(f" --compare {c}" for c in args.compare)
+        write_json_atomic(args.out.with_suffix(".json"), {"command": command, "rows": rows, "comparisons": comparisons})
         write_text_atomic(args.out.with_suffix(".md"), f"`{command}`\n\n{table}\n")
+
+
+def _compare(rows: list[dict], spec: str) -> dict:
+    """Mean of group B minus mean of group A, with Welch's interval (unequal variances)."""
+    labels = spec.split(",")
+    by_label = {r["group"]: [run["value"] for run in r["runs"]] for r in rows}
+    if len(labels) != 2 or any(label not in by_label for label in labels):
+        sys.exit(f"error: --compare {spec!r}: give two group labels A,B from --group ({', '.join(by_label)})")
+    a, b = labels
+    result = stats.ttest_ind(by_label[b], by_label[a], equal_var=False)
+    low, high = result.confidence_interval(0.95)
+    difference = statistics.mean(by_label[b]) - statistics.mean(by_label[a])
+    return {"a": a, "b": b, "difference": difference, "ci95": [float(low), float(high)], "p": float(result.pvalue)}
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ def test_fid_over_unlearning_seeds_is_the_mean_of_runs_with_its_t_interval(tmp_p
     from pathlib import Path
 
     import pytest
+    from scipy import stats
 
     path = Path(__file__).parents[1] / "benchmarks" / "fid_unlearn_seeds.py"
     spec = importlib.util.spec_from_file_location("fid_unlearn_seeds", path)
@@ -101,4 +102,17 @@ def test_fid_over_unlearning_seeds_is_the_mean_of_runs_with_its_t_interval(tmp_p
     assert abs(row["ci95"][0] - (2.0 - half)) < 1e-9 and abs(row["ci95"][1] - (2.0 + half)) < 1e-9
     monkeypatch.setattr("sys.argv", ["x", "--group", f"m={tmp_path}/m-s0.json"])
     with pytest.raises(SystemExit, match="an interval needs 2 or more"):
+        script.main()
+    # Welch by hand: A = 1, 2, 3 and B = 2, 4, 6: difference 2, se^2 = 1/3 + 4/3, df = (5/3)^2 / (17/18)
+    for run, fid in enumerate([2.0, 4.0, 6.0]):
+        (tmp_path / f"n-s{run}.json").write_text(json.dumps({"model": f"n{run}", "by_samples": {"512": {"fid": [fid]}}}))
+    argv = ["x", "--group", f"m={tmp_path}/m-s*.json", "--group", f"n={tmp_path}/n-s*.json", "--compare", "m,n"]
+    monkeypatch.setattr("sys.argv", [*argv, "--out", str(out)])
+    script.main()
+    (comparison,) = json.loads(out.with_suffix(".json").read_text())["comparisons"]
+    half = stats.t.ppf(0.975, (5 / 3) ** 2 / (17 / 18)) * (5 / 3) ** 0.5
+    assert abs(comparison["difference"] - 2.0) < 1e-12
+    assert abs(comparison["ci95"][0] - (2.0 - half)) < 1e-9 and abs(comparison["ci95"][1] - (2.0 + half)) < 1e-9
+    monkeypatch.setattr("sys.argv", [*argv[:-1], "m,z"])
+    with pytest.raises(SystemExit, match="give two group labels"):
         script.main()
