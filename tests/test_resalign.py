@@ -155,6 +155,28 @@ def test_beta_zero_is_the_base_method_bit_for_bit(minilm):
         assert torch.equal(p, q), name
 
 
+def test_harm_method_without_fine_tuning_cancels_to_the_base_method(minilm):
+    """harm=method: L_harm is ESD's own loss on one draw. A simulated fine-tuning at lr 0 leaves
+    theta_FT* = theta and, with no Richardson iteration, the hypergradient is grad L_harm(theta),
+    so beta [L_harm(theta_FT*) - L_harm(theta)] contributes nothing (up to rounding: the two
+    halves are differentiated apart). SGD keeps that rounding from being amplified."""
+    sgd = FAST_ESD | {"optimizer": "sgd", "lr": 1e-1}
+    base, wrapped, moved = fresh_model(minilm), fresh_model(minilm), fresh_model(minilm)
+    initial = [p.detach().clone() for p in base.unet.parameters()]
+    unlearn(base, "esd-u-1", "circle", overrides=sgd, progress=False)
+    no_fine_tuning = FAST_RESILIENCE | {"harm": "method", "ft_lrs": [0.0], "solve_iterations": 0, "beta": 0.8}
+    record = unlearn(wrapped, "resalign:esd-u-1", "circle", overrides=sgd | no_fine_tuning, progress=False)
+    assert record["solves"]["attempted"] == 3 * FAST_RESILIENCE["configs_per_step"]
+    assert record["final_losses"]["harm"] > 0  # L_harm is ESD's loss itself, minimized, not its negative
+    largest_step = max((p - q).abs().max() for p, q in zip(base.unet.parameters(), initial))
+    assert largest_step > 1e-3
+    for (name, p), q in zip(base.unet.named_parameters(), wrapped.unet.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
+    # With fine-tuning the term acts: the weights differ from ESD-u-1's.
+    unlearn(moved, "resalign:esd-u-1", "circle", overrides=sgd | no_fine_tuning | {"ft_lrs": [1e-1]}, progress=False)
+    assert max((p - q).abs().max() for p, q in zip(base.unet.parameters(), moved.unet.parameters())) > 1e-4
+
+
 def test_closed_form_stage_with_beta_and_alpha_zero_is_the_edit_bit_for_bit(minilm):
     base, wrapped = fresh_model(minilm), fresh_model(minilm)
     unlearn(base, "uce", "circle", progress=False)
@@ -199,6 +221,9 @@ def test_a_run_whose_solves_mostly_fail_stops_with_a_clear_error(minilm):
         ("resalign", {"ft_data": ["nonsense"]}, "unknown attack data 'nonsense'"),
         ("resalign:salun", {}, "masks gradients"),
         ("resalign:resalign", {}, "already has the resilience term"),
+        ("resalign", {"harm": "method"}, "harm=method needs a wrapped method"),
+        ("resalign:uce", {"harm": "method"}, "harm=method needs a wrapped method"),
+        ("resalign:esd-u-1", {"harm": "esd"}, "harm"),
     ],
 )
 def test_bad_requests_end_with_one_clear_line(minilm, method, options, message):

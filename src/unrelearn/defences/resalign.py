@@ -17,7 +17,7 @@ left out of the average (the step says how many), and a run whose solves mostly 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
@@ -70,6 +70,10 @@ class ResilienceOptions:
     ft_batch_size: PositiveInt = 1
     ft_data_size: PositiveInt = 64
     harm_batch_size: PositiveInt = 4
+    # What L_harm is: "ga", the paper's negative diffusion loss on the concept's pairs (the
+    # official code's loss_mode ga); "method", the wrapped method's own loss (its loss_mode esd,
+    # for ESD): bounded, and minimized rather than fought by the resilience term's -L_harm(theta).
+    harm: Literal["ga", "method"] = "ga"
 
 
 # The embedded world's attacks run at 1e-4 where the paper's run at 1e-5: the lr grid moves with
@@ -123,6 +127,11 @@ class Resilience:
         }
         self.harmful = sets.hrm_m or sets.forget
         self.trainer = None
+        if config.harm == "method" and type(method).loss_at is OptimizationMethod.loss_at:
+            raise UnrelearnError(
+                f"{method.name}: harm=method needs a wrapped method that offers its loss at other weights "
+                "(esd variants do); use harm=ga"
+            )
 
     def counts(self) -> dict[str, int]:
         # Kept in the trainer's checkpoint state, so a resumed run keeps counting.
@@ -140,12 +149,7 @@ class Resilience:
         method, config = self.method, self.method.config
         model = method.model
         params = method.parameters()
-        harm_x0, harm_context = method.pairs(self.harmful, generator, config.harm_batch_size)
-        harm_seed = int(torch.randint(2**62, (1,), generator=generator))
-
-        def harm(p: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
-            # Common random numbers: the same noise and timesteps at theta and at theta_FT*.
-            return -model.diffusion_loss(harm_x0, harm_context, torch.Generator().manual_seed(harm_seed), params=p)
+        harm = self._harm(generator)
 
         at_theta = harm(None)
         lora_bases = {n: p for n, p in model.unet.named_parameters() if n not in params}
@@ -178,6 +182,17 @@ class Resilience:
             "loss": -config.beta * at_theta,
             "grads": {n: config.beta * g.to(params[n].dtype) for n, g in mean.items()},
         }
+
+    def _harm(self, generator: torch.Generator) -> Callable[[Mapping[str, torch.Tensor] | None], torch.Tensor]:
+        """``L_harm`` on one draw, as a function of the weights: common random numbers, so theta
+        and theta_FT* are compared on the same noise, timesteps and prompts."""
+        method, config = self.method, self.method.config
+        if config.harm == "method":
+            return method.loss_at(generator)
+        harm_x0, harm_context = method.pairs(self.harmful, generator, config.harm_batch_size)
+        harm_seed = int(torch.randint(2**62, (1,), generator=generator))
+        model = method.model
+        return lambda p: -model.diffusion_loss(harm_x0, harm_context, torch.Generator().manual_seed(harm_seed), params=p)
 
     def _solve(self, tuning: FineTuning, params: Mapping[str, torch.Tensor], lora_bases: Mapping[str, torch.Tensor],
                harm, generator: torch.Generator):  # fmt: skip

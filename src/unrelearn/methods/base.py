@@ -15,7 +15,7 @@ import re
 import shutil
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -222,6 +222,12 @@ class OptimizationMethod(Method):
     def record(self) -> dict[str, Any]:
         """Entries for run.json beyond the losses (a second stage's closed-form statistics)."""
         return {}
+
+    def loss_at(self, generator: torch.Generator) -> Callable[[Mapping[str, torch.Tensor] | None], torch.Tensor] | None:
+        """This method's loss on one fixed draw (prompts, ``x_t``, targets) as a function of
+        substituted parameters (``None``: the model's own), for defences that evaluate it at a
+        simulated attacker's weights (ResAlign's ``harm=method``); ``None`` if not offered."""
+        return None
 
 
 class ClosedFormMethod(Method):

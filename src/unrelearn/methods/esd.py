@@ -123,3 +123,15 @@ class ESD(OptimizationMethod):
             eps_uncond = model.predict_noise(x_t, t, uncond, self.teacher)
         target = esd_target(eps_uncond, eps_concept, config.eta)
         return torch.nn.functional.mse_loss(model.predict_noise(x_t, t, context), target)
+
+    def loss_at(self, generator: torch.Generator):
+        """ESD's loss on one draw of ``x_t`` (sampled by the frozen model, as in :meth:`loss`)."""
+        model = self.model
+        prompts = [c.text for c in self.pick(self.sets.forget, generator)]
+        x_t, t = self.sampled_x_t(prompts, generator, self.teacher)
+        context = model.encode_prompts(prompts)
+        with torch.no_grad():
+            eps_concept = model.predict_noise(x_t, t, context, self.teacher)
+            eps_uncond = model.predict_noise(x_t, t, model.encode_prompts([""] * len(prompts)), self.teacher)
+        target = esd_target(eps_uncond, eps_concept, self.config.eta)
+        return lambda params: torch.nn.functional.mse_loss(model.predict_noise(x_t, t, context, params=params), target)
