@@ -68,7 +68,7 @@ def main() -> None:
     print(table)
     if args.out:
         command = "python benchmarks/fid_unlearn_seeds.py " + " ".join(f"--group '{g}'" for g in args.group)
-        command += "".join(f" --compare {c}" for c in args.compare)
+        command += "".join(f" --compare '{c}'" for c in args.compare)
         write_json_atomic(args.out.with_suffix(".json"), {"command": command, "rows": rows, "comparisons": comparisons})
         write_text_atomic(args.out.with_suffix(".md"), f"`{command}`\n\n{table}\n")
 
