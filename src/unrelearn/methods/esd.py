@@ -125,7 +125,7 @@ class ESD(OptimizationMethod):
         return torch.nn.functional.mse_loss(model.predict_noise(x_t, t, context), target)
 
     def loss_at(self, generator: torch.Generator):
-        """ESD's loss on one draw of ``x_t`` (sampled by the frozen model, as in :meth:`loss`)."""
+        """ESD's loss on one draw of ``x_t``, sampled by the frozen model (the default ``x_t_from``)."""
         model = self.model
         prompts = [c.text for c in self.pick(self.sets.forget, generator)]
         x_t, t = self.sampled_x_t(prompts, generator, self.teacher)
