@@ -116,22 +116,22 @@ class ESD(OptimizationMethod):
         else:
             prompts = [c.text for c in self.pick(self.sets.forget, generator)]
             x_t, t = self.sampled_x_t(prompts, generator, model.unet)
+        return self._loss_on(prompts, x_t, t)(None)
+
+    def loss_at(self, generator: torch.Generator):
+        """ESD's loss on one draw of ``x_t``, sampled by the frozen model (the default ``x_t_from``)."""
+        prompts = [c.text for c in self.pick(self.sets.forget, generator)]
+        x_t, t = self.sampled_x_t(prompts, generator, self.teacher)
+        return self._loss_on(prompts, x_t, t)
+
+    def _loss_on(self, prompts: list[str], x_t: torch.Tensor, t: torch.Tensor):
+        """``||eps_params(x_t, c) - target||^2`` as a function of substituted parameters, the
+        negatively guided target computed once by the frozen teacher."""
+        model = self.model
         context = model.encode_prompts(prompts)
         uncond = model.encode_prompts([""] * len(prompts))
         with torch.no_grad():
             eps_concept = model.predict_noise(x_t, t, context, self.teacher)
             eps_uncond = model.predict_noise(x_t, t, uncond, self.teacher)
-        target = esd_target(eps_uncond, eps_concept, config.eta)
-        return torch.nn.functional.mse_loss(model.predict_noise(x_t, t, context), target)
-
-    def loss_at(self, generator: torch.Generator):
-        """ESD's loss on one draw of ``x_t``, sampled by the frozen model (the default ``x_t_from``)."""
-        model = self.model
-        prompts = [c.text for c in self.pick(self.sets.forget, generator)]
-        x_t, t = self.sampled_x_t(prompts, generator, self.teacher)
-        context = model.encode_prompts(prompts)
-        with torch.no_grad():
-            eps_concept = model.predict_noise(x_t, t, context, self.teacher)
-            eps_uncond = model.predict_noise(x_t, t, model.encode_prompts([""] * len(prompts)), self.teacher)
         target = esd_target(eps_uncond, eps_concept, self.config.eta)
         return lambda params: torch.nn.functional.mse_loss(model.predict_noise(x_t, t, context, params=params), target)
