@@ -3,6 +3,7 @@
 Reads `benchmarks/fid_noise.py` outputs of models unlearned with different `--seed`s and prints,
 per group, each run's FID (mean over the evaluation seeds) and the mean over runs with its 95%
 Student-t interval, so two methods are compared over unlearning runs rather than on one run each.
+``--metric forget_rate`` reads ``unrelearn evaluate --json`` outputs instead (the AR of each run).
 ``--compare A,B`` adds the difference of means B - A with its 95% Welch interval and p-value.
 
     python benchmarks/fid_unlearn_seeds.py --group 'salun-250=DIR/seven-salun-250-s*.json' \\
@@ -34,7 +35,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--group", action="append", required=True, help="LABEL=GLOB of fid_noise.py JSON files")
     parser.add_argument("--samples", default="512", help="the sample count to read from each file")
-    parser.add_argument("--metric", default="fid", choices=["fid", "kid", "precision"])
+    parser.add_argument("--metric", default="fid", choices=["fid", "kid", "precision", "forget_rate"],
+                        help="forget_rate reads `unrelearn evaluate --json` files instead of fid_noise.py's")
     parser.add_argument("--compare", action="append", default=[], help="A,B: the difference B - A of two groups")
     parser.add_argument("--out", type=Path, default=None, help="writes OUT.json and OUT.md")
     args = parser.parse_args()
@@ -48,6 +50,9 @@ def main() -> None:
         runs = []
         for file in files:
             record = json.loads(Path(file).read_text())
+            if args.metric == "forget_rate":  # `unrelearn evaluate --json` output: one value per run
+                runs.append({"file": file, "model": record["model"], "value": record["forget_rate"]})
+                continue
             if args.samples not in record["by_samples"]:
                 sys.exit(f"error: {file} has no {args.samples}-sample entry; pass --samples {','.join(record['by_samples'])}")
             runs.append({"file": file, "model": record["model"], "value": statistics.mean(record["by_samples"][args.samples][args.metric])})
@@ -57,7 +62,8 @@ def main() -> None:
                      "mean": statistics.mean(values), "ci95": [low, high], "min": min(values), "max": max(values)})
         per_run = ", ".join(f"{v:.4g}" for v in values)
         lines.append(f"| {label} | {len(values)} | {per_run} | {statistics.mean(values):.4g} [{low:.4g}, {high:.4g}] |")
-    table = "\n".join([f"| group | runs | {args.metric.upper()} per run (mean of its evaluation seeds) | mean over runs [95% t-interval] |",
+    value_column = "forget rate per run" if args.metric == "forget_rate" else f"{args.metric.upper()} per run (mean of its evaluation seeds)"
+    table = "\n".join([f"| group | runs | {value_column} | mean over runs [95% t-interval] |",
                        "|---|---|---|---|", *lines])
     comparisons = [_compare(rows, spec) for spec in args.compare]
     if comparisons:
@@ -67,7 +73,8 @@ def main() -> None:
         )
     print(table)
     if args.out:
-        command = "python benchmarks/fid_unlearn_seeds.py " + " ".join(f"--group '{g}'" for g in args.group)
+        command = f"python benchmarks/fid_unlearn_seeds.py --metric {args.metric} --samples {args.samples} "
+        command += " ".join(f"--group '{g}'" for g in args.group)
         command += "".join(f" --compare '{c}'" for c in args.compare)
         write_json_atomic(args.out.with_suffix(".json"), {"command": command, "rows": rows, "comparisons": comparisons})
         write_text_atomic(args.out.with_suffix(".md"), f"`{command}`\n\n{table}\n")

@@ -113,6 +113,13 @@ def test_fid_over_unlearning_seeds_is_the_mean_of_runs_with_its_t_interval(tmp_p
     half = stats.t.ppf(0.975, (5 / 3) ** 2 / (17 / 18)) * (5 / 3) ** 0.5
     assert abs(comparison["difference"] - 2.0) < 1e-12
     assert abs(comparison["ci95"][0] - (2.0 - half)) < 1e-9 and abs(comparison["ci95"][1] - (2.0 + half)) < 1e-9
+    for run, rate in enumerate([0.0, 0.25, 0.5]):
+        (tmp_path / f"r-s{run}.eval.json").write_text(json.dumps({"model": f"r{run}", "forget_rate": rate}))
+    monkeypatch.setattr("sys.argv", ["x", "--metric", "forget_rate", "--group", f"r={tmp_path}/r-s*.eval.json",
+                                     "--out", str(out)])  # fmt: skip
+    script.main()
+    (rates,) = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["value"] for r in rates["runs"]] == [0.0, 0.25, 0.5] and abs(rates["mean"] - 0.25) < 1e-12
     monkeypatch.setattr("sys.argv", [*argv[:-1], "m,z"])
     with pytest.raises(SystemExit, match="give two group labels"):
         script.main()
