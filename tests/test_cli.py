@@ -96,6 +96,20 @@ def test_methods_are_listed():
     assert "resalign:NAME" in result.output and "ft_lrs=[0.0001, 1e-05, 1e-06]" in result.output
 
 
+def test_methods_lists_one_methods_options():
+    listing = invoke("methods")
+    # The options every optimization method shares are named once, from OptimizationConfig.
+    assert "ema_decay" in listing.output and "checkpoint_every" in listing.output
+    result = invoke("methods", "esd-u-3")
+    assert result.exit_code == 0, result.output
+    assert "ddim_steps=50" in result.output and "ema_decay=None" in result.output
+    assert "set by the name: scope=u, eta=3.0" in result.output
+    assert "on the embedded worlds: steps=400" in result.output
+    wrapped = invoke("methods", "meta:uce")
+    assert wrapped.exit_code == 0 and "gamma2=0.1" in wrapped.output and "preserve_scale=1.0" in wrapped.output
+    _assert_one_line_error(invoke("methods", "nope"), "unknown method")
+
+
 def test_unlearn_command(model_folder, tmp_path):
     result = invoke("unlearn", model_folder, "-m", "uce", "-c", "circle", "--out", tmp_path / "uce")
     assert result.exit_code == 0, result.output

@@ -216,26 +216,44 @@ def demo(
     typer.echo(f"report: {headline['report']} (Markdown: {headline['markdown']})")
 
 
-@app.command()
-@_friendly
-def methods() -> None:
-    """List the unlearning methods and the defences that wrap them, with their options."""
+def _option_defaults(config_class: type, skip: set[str] = frozenset()) -> list[str]:
     from dataclasses import MISSING, fields
 
-    from unrelearn.methods import method_names, resolve_method
-    from unrelearn.methods.base import wrapper_info, wrapper_names
+    return [f"{f.name}={f.default if f.default_factory is MISSING else f.default_factory()}"
+            for f in fields(config_class) if f.name not in skip]  # fmt: skip
 
-    for name in method_names():
-        cls, _ = resolve_method(name)
+
+@app.command()
+@_friendly
+def methods(name: str | None = typer.Argument(None, help="a method (esd-u-3, meta:uce, ...): list its options")) -> None:
+    """List the unlearning methods and the defences that wrap them, with their options."""
+    from dataclasses import fields
+
+    from unrelearn.methods import method_names, resolve_method
+    from unrelearn.methods.base import OptimizationConfig, wrapper_info, wrapper_names
+
+    if name is not None:
+        cls, variant = resolve_method(name)
+        typer.echo(f"{name}: {cls.summary}")
+        typer.echo("options (-o key=value), the paper's defaults: " + ", ".join(_option_defaults(cls.Config)))
+        if variant:
+            typer.echo("set by the name: " + ", ".join(f"{k}={v}" for k, v in variant.items()))
+        if cls.embedded_defaults:
+            typer.echo("on the embedded worlds: " + ", ".join(f"{k}={v}" for k, v in cls.embedded_defaults.items()))
+        return
+    for method in method_names():
+        cls, _ = resolve_method(method)
         kind = "closed-form" if cls.closed_form else "optimization"
-        typer.echo(f"{name:8s} {kind:13s} {cls.summary}")
+        typer.echo(f"{method:8s} {kind:13s} {cls.summary}")
+    shared = {f.name for f in fields(OptimizationConfig)}
+    typer.echo("")
+    typer.echo("every optimization method also takes (its own defaults: `unrelearn methods NAME`):")
+    typer.echo("           " + ", ".join(sorted(shared)))
     for prefix in wrapper_names():
         summary, option_classes = wrapper_info(prefix)
-        defaults = [f"{f.name}={f.default if f.default_factory is MISSING else f.default_factory()}"
-                    for cls in option_classes for f in fields(cls)]  # fmt: skip
         typer.echo("")
         typer.echo(f"{prefix}:NAME  {summary}; options:")
-        typer.echo("           " + ", ".join(defaults))
+        typer.echo("           " + ", ".join(d for c in option_classes for d in _option_defaults(c)))
 
 
 def _parse_options(pairs: list[str]) -> dict[str, Any]:
