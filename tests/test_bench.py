@@ -344,3 +344,115 @@ def test_the_report_averages_seeds_and_shows_their_range_and_the_worst_case(tmp_
     assert "| oracle | 0.200 [0.100, 0.300] | hrm-m lr=1e-4, seed 0, step 100 | 1/1 | never |" in markdown
     # AUC of 0.1 -> 0.5 and 0.1 -> 0.7 (trapezoids over 100 steps), averaged: (0.3 + 0.4) / 2
     assert "| 100, 100 | 0.350 |" in markdown
+
+
+SEARCH = TINY | {
+    "attacks": [{"data": "hrm-m", "lr": [1e-4, 1e-3, 3e-3], "steps": 4, "batch_size": 2, "data_size": 8, "eval_at": [0, 2, 4]}],
+}
+
+
+def _curve(*rates_by_step):
+    return [{"step": step, "forget_rate": rate} for step, rate in rates_by_step]
+
+
+def test_halving_keeps_the_strongest_third_per_contender_and_counts_finished_cells_at_every_rung():
+    from unrelearn.bench.search import Halving, Work, setting_key
+
+    cells = expand(SEARCH | {"seeds": [0, 1]})  # 2 contenders x 3 lrs x 2 seeds
+    search = Halving(cells, eta=3)
+    work, states = search.plan({}, {})
+    assert sorted(w.cell.key for w in work) == sorted(c.key for c in cells) and {w.stop_at for w in work} == {2}
+    assert [s.candidates for s in states] == [[3], [3]] and not any(s.complete for s in states)
+
+    # Step-2 results: lr 1e-3 is strongest for uce (mean over seeds of each seed's highest so far);
+    # for the oracle the seeds disagree and the mean decides. One uce cell finished by a full grid
+    # counts at the rung without a partial.
+    rate = {("uce", 1e-4): (0.2, 0.2), ("uce", 1e-3): (0.9, 0.5), ("uce", 3e-3): (0.6, 0.6),
+            ("oracle", 1e-4): (0.0, 0.5), ("oracle", 1e-3): (0.1, 0.1), ("oracle", 3e-3): (0.3, 0.1)}  # fmt: skip
+    partials, finished = {}, {}
+    for c in cells:
+        r = rate[(c.contender.label, c.attack["lr"])][c.seed]
+        if (c.contender.label, c.attack["lr"], c.seed) == ("uce", 1e-4, 0):
+            finished[c.key] = _curve((0, 0.0), (2, r), (4, 1.0))  # its step 4 must not count at the rung
+        else:
+            partials[(c.key, 2)] = _curve((0, 0.0), (2, r))
+    work, states = search.plan(finished, partials)
+    survivors = {(w.cell.contender.label, w.cell.attack["lr"]) for w in work}
+    assert survivors == {("uce", 1e-3), ("oracle", 1e-4)} and {w.stop_at for w in work} == {None}
+    assert len(work) == 4  # both seeds of each survivor
+    by_contender = {s.contender: s for s in states}
+    assert by_contender["uce"].candidates == [3, 1]
+    pruned = {(p.setting.split(" lr=")[1].split()[0], round(p.score, 3)) for p in by_contender["uce"].pruned}
+    assert pruned == {("0.003", 0.6), ("0.0001", 0.2)}
+
+    # Once the survivors are finished the search is complete; eta 1 prunes nothing.
+    finished |= {w.cell.key: partials[(w.cell.key, 2)] + _curve((4, 0.9)) for w in work}
+    work, states = search.plan(finished, partials)
+    assert work == [] and all(s.complete for s in states)
+    assert {w.stop_at for w in Halving(cells, eta=1).plan({}, {})[0]} == {None}
+    assert isinstance(Work(cells[0], None).cell, type(cells[0])) and setting_key(cells[0]) != cells[0].key
+    with pytest.raises(UnrelearnError, match="--halving"):
+        Halving(cells, eta=0)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """The tiny search (3 settings x 2 contenders, eta 3) run by one process."""
+    folder = tmp_path_factory.mktemp("search")
+    preset = write_preset(folder, SEARCH)
+    done = subprocess.run(bench_command(preset, folder / "search", "--halving", "3"), env=ENV, capture_output=True,
+                          text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "6 cells: 0 finished before, 2 computed now, 6 attacks paused at a rung of the search" in done.stdout
+    return preset, folder / "search"
+
+
+def test_a_halving_search_ends_its_survivors_exactly_as_the_full_grid_does(searched, tmp_path):
+    """Every setting to step 2, one per contender on to step 4. The survivors' curves equal the
+    uninterrupted runs of the full grid; the pruned ones' checkpoints are gone; a rerun computes
+    nothing; the report shows the search."""
+    preset, folder = searched
+    tmp_path.joinpath("search").symlink_to(folder)
+    full = subprocess.run(bench_command(preset, tmp_path / "full"), env=ENV, capture_output=True, text=True, check=False)
+    assert full.returncode == 0, full.stderr
+    done, everything = rows(tmp_path / "search"), rows(tmp_path / "full")
+    assert len(done) == 2 and len(everything) == 6
+    for key, row in done.items():
+        assert row == everything[key]
+    store = ResultStore(tmp_path / "search" / "results.sqlite")
+    partials, events, search = store.partials(), store.events(), store.meta("search:preset")
+    store.close()
+    assert len(partials) == 6
+    for (key, step), points in partials.items():
+        assert step == 2 and points == [p for p in everything[key][2] if p["step"] <= 2]
+    # The survivors are the strongest at step 2 among their contender's settings.
+    for key in done:
+        label = everything[key][0]["label"]
+        rivals = [k for k in everything if everything[k][0]["label"] == label]
+        assert max(p["forget_rate"] for p in partials[(key, 2)]) == max(max(p["forget_rate"] for p in partials[(k, 2)]) for k in rivals)
+        assert [what for cell, what in events if cell == key] == ["started to 2", "paused at 2", "started", "finished"]
+    assert not list((tmp_path / "search" / "cells").glob("*.checkpoint"))
+    assert [g["candidates"] for g in search["groups"]] == [[3, 1], [3, 1]] and all(g["complete"] for g in search["groups"])
+
+    again = subprocess.run(bench_command(preset, tmp_path / "search", "--halving", "3"), env=ENV, capture_output=True,
+                           text=True, check=False)  # fmt: skip
+    assert again.returncode == 0 and "0 computed now" in again.stdout
+    markdown = write_report(tmp_path / "search", tmp_path / "report")["markdown"].read_text()
+    assert "Worst-case search" in markdown and "3 -> 1 (step 2)" in markdown
+
+
+def test_two_shards_searching_at_once_find_what_one_process_finds(searched, tmp_path):
+    """Each shard runs its half of every rung and waits for the other's before the next."""
+    preset, straight = searched
+    out = tmp_path / "sharded"
+    shards = [subprocess.Popen(bench_command(preset, out, "--halving", "3", "--shard", f"{i}/2"), env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (1, 2)]  # fmt: skip
+    outputs = [p.communicate(timeout=600) for p in shards]
+    assert all(p.returncode == 0 for p in shards), [err for _, err in outputs]
+    assert rows(out) == rows(straight)
+    stores = [ResultStore(folder / "results.sqlite") for folder in (out, straight)]
+    assert stores[0].partials() == stores[1].partials()
+    started = [cell for cell, what in stores[0].events() if what.startswith("started")]
+    for store in stores:
+        store.close()
+    assert len(started) == 8 and len(set(started)) == 6  # each pause and each completion once

@@ -43,6 +43,28 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, optimizer):
         assert torch.allclose(a, b, atol=0, rtol=0)
 
 
+def test_a_run_paused_off_the_checkpoint_interval_resumes_to_the_uninterrupted_weights(tmp_path):
+    config = TrainConfig(steps=12, lr=1e-2, optimizer="adamw", ema_decay=0.9, checkpoint_every=5)
+    net, loss_fn = _problem()
+    Trainer(dict(net.named_parameters()), loss_fn, config, progress=False).run()
+
+    paused_net, loss_fn2 = _problem()
+    paused = Trainer(dict(paused_net.named_parameters()), loss_fn2, config, tmp_path / "ckpt", progress=False)
+    result = paused.run(stop_at=7)  # between checkpoints: the pause writes its own
+    assert result.steps_done == 7 and len(result.losses) == 7
+    assert not torch.allclose(next(net.parameters()), next(paused_net.parameters()))
+    again = Trainer(dict(paused_net.named_parameters()), loss_fn2, config, tmp_path / "ckpt", progress=False).run(stop_at=7)
+    assert again.resumed_from == 7 and again.steps_done == 7  # pausing again at the same step trains nothing
+
+    resumed_net, loss_fn3 = _problem(seed=123)
+    resumed = Trainer(dict(resumed_net.named_parameters()), loss_fn3, config, tmp_path / "ckpt", progress=False)
+    assert resumed.run().resumed_from == 7
+    for a, b in zip(net.parameters(), resumed_net.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(UnrelearnError, match="checkpoint folder"):
+        Trainer(dict(net.named_parameters()), loss_fn, config, progress=False).run(stop_at=3)
+
+
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
     net, loss_fn = _problem()
 

@@ -482,6 +482,8 @@ def bench(
     keep_models: bool = typer.Option(False, help="keep every attacked model (large) instead of only its image grid"),
     list_cells: bool = typer.Option(False, "--list", help="print the preset's cells and whether each is finished, run nothing"),
     model: str | None = typer.Option(None, help="the model the preset unlearns (replaces the preset's; required by sd-* presets)"),
+    halving: int | None = typer.Option(None, help="ETA: search the worst case by successive halving: at each evaluated step "
+                                       "only the 1/ETA strongest attack settings continue (per concept and contender)"),
     device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Run a grid of unlearning methods and defences against attacks into OUT (resumable, shardable).
@@ -507,7 +509,8 @@ def bench(
             typer.echo(line)
         return
     command = shlex.join(["unrelearn", *sys.argv[1:]])
-    summary = run_bench(preset, out, shard, oracles, device=_device(device), keep_models=keep_models, command=command, model=model)
+    summary = run_bench(preset, out, shard, oracles, device=_device(device), keep_models=keep_models, command=command, model=model,
+                        halving=halving)  # fmt: skip
     typer.echo(describe(summary))
 
 

@@ -323,7 +323,9 @@ class Trainer:
             kept = "nothing was saved; run again with a lower learning rate (or gradient clipping)"
         return UnrelearnError(f"training blew up at step {step}: {what}; {kept}")
 
-    def run(self, resume: bool = True) -> TrainResult:
+    def run(self, resume: bool = True, stop_at: int | None = None) -> TrainResult:
+        """Train to ``config.steps``, or pause at ``stop_at`` with a checkpoint there: a later run
+        resumes from it to exactly the result of an uninterrupted one."""
         start, losses, resumed_from = 0, [], None
         if resume and (loaded := self.load_checkpoint()) is not None:
             start, losses = loaded
@@ -338,7 +340,10 @@ class Trainer:
             self.on_start(start)
         began = time.perf_counter()
         last_checkpoint = start if resumed_from is not None else None
-        for step in range(start, config.steps):
+        stop = config.steps if stop_at is None else min(stop_at, config.steps)
+        if stop < config.steps and self.checkpoint_dir is None:
+            raise UnrelearnError("pausing a training run needs a checkpoint folder to resume from")
+        for step in range(start, stop):
             out = self.loss_fn(step, step_generator(config.seed, step, processes.rank))
             terms = dict(out) if isinstance(out, Mapping) else {"loss": out}
             extra_grads = terms.pop("grads", None) or {}
@@ -381,7 +386,9 @@ class Trainer:
                 self.save_checkpoint(step + 1, losses)
                 last_checkpoint = step + 1
         bar.close()
-        return TrainResult(config.steps, losses, time.perf_counter() - began, resumed_from)
+        if stop < config.steps and (last_checkpoint is None or last_checkpoint < stop):
+            self.save_checkpoint(stop, losses)
+        return TrainResult(max(stop, start), losses, time.perf_counter() - began, resumed_from)
 
     def copy_ema_to_params(self) -> None:
         if self.ema is None:

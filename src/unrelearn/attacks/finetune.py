@@ -119,6 +119,7 @@ def attack(
     original_model: DiffusionModel | None = None,
     progress: bool = True,
     initial_point: dict[str, Any] | None = None,
+    stop_at: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` on ``config.data``; write ``out/curve.json``, ``curve.png``, ``run.json``, ``model/``.
 
@@ -126,6 +127,10 @@ def attack(
     so far; a re-run with the same settings resumes there. ``initial_point`` (the
     ``CURVE_METRICS`` of this model under ``eval_config``, evaluated before) stands in for the
     step-0 evaluation: a benchmark evaluates each model once, not once per attack.
+
+    ``stop_at`` pauses the attack at that step (a checkpoint there, nothing written to ``out``)
+    and returns the curve so far, ``{"points", "stopped_at"}``: a worst-case search runs many
+    attacks a little way and continues only the strongest, each to its uninterrupted result.
     """
     out = Path(out)
     if Processes().count > 1:
@@ -134,17 +139,19 @@ def attack(
     world = get_world(model.world)
     sets = world.concept_sets(concept)
     eval_at = parse_eval_at(eval_at, config.steps)
+    if stop_at is not None and not 0 < stop_at < config.steps:
+        raise UnrelearnError(f"an attack can pause only between step 0 and its last ({config.steps}), not at {stop_at}")
     if threshold is None and reference_rate is None:
         raise UnrelearnError("give a relearning threshold or the base model's forget rate (reference_rate)")
     with output_lock(out):
         return _attack(model, concept, config, out, eval_at, eval_config, threshold, reference_rate, original_model,
-                       progress, world, sets, initial_point)  # fmt: skip
+                       progress, world, sets, initial_point, stop_at)  # fmt: skip
 
 
 def _attack(
     model: DiffusionModel, concept: str, config: AttackConfig, out: Path, eval_at: list[int], eval_config: EvalConfig,
     threshold: float | None, reference_rate: float | None, original_model: DiffusionModel | None, progress: bool,
-    world: Any, sets: Any, initial_point: dict[str, Any] | None,
+    world: Any, sets: Any, initial_point: dict[str, Any] | None, stop_at: int | None,
 ) -> dict[str, Any]:  # fmt: skip
     resolution = model.unet.config.sample_size if model.vae is None else None
     data = build_attack_data(config.data, world, sets, config.data_size, config.seed, original_model, resolution)
@@ -190,8 +197,10 @@ def _attack(
     trainer.on_step = evaluate_at
     trainer.on_start = evaluate_at  # step 0 = the model before the attack (skipped on resume)
     began = time.perf_counter()
-    result = trainer.run()
+    result = trainer.run(stop_at=stop_at)
     points = sorted(trainer.extra_state["curve"], key=lambda p: p["step"])
+    if result.steps_done < config.steps:
+        return {"points": [p for p in points if p["step"] <= stop_at], "stopped_at": stop_at}
     if config.mode == "lora":
         fuse_lora(model.unet)
     if threshold is None:

@@ -166,10 +166,34 @@ def build_blocks(store: ResultStore, figures: Path) -> list[Block]:
         blocks.append(Heading(f"Preset `{name}`", 2))
         blocks.append(Paragraph(f"{entry['preset'].get('description', '')} {len(mine)} of {len(entry['cells'])} cells "
                                 f"finished. Made by `{command}`, drawn by `unrelearn report DIR`."))  # fmt: skip
+        search = store.meta(f"search:{name}") if entry.get("halving") is not None else None
+        if search is not None:
+            blocks += _search_blocks(search, _ranking(entry["preset"]))
         for concept, by_attack in sorted(_settings(mine).items()):
             blocks += _concept_blocks(store, concept, by_attack, models, figures, plot_curves, _ranking(entry["preset"]))
     blocks += _environment_blocks(store, list(cells.values()))
     return blocks
+
+
+def _search_blocks(search: dict[str, Any], rank) -> list[Block]:
+    """How the worst-case search narrowed the settings, and what the pruned ones had reached."""
+    rows = []
+    for group in sorted(search["groups"], key=lambda g: (g["concept"], rank(g["contender"]))):
+        levels = [str(group["candidates"][0])] + [f"{n} (step {r})" for n, r in zip(group["candidates"][1:], group["rungs"])]
+        strongest = max(group["pruned"], key=lambda p: p["score"], default=None)
+        rows.append([
+            group["concept"], group["contender"], " -> ".join(levels) + ("" if group["complete"] else ", still running"),
+            "none" if strongest is None else f"{strongest['score']:.3f} ({strongest['setting']}, step {strongest['rung']})",
+        ])  # fmt: skip
+    return [
+        Heading("Worst-case search", 3),
+        Paragraph(f"Successive halving (eta {search['eta']}): every attack setting ran to the first rung; at each "
+                  f"rung only the 1/{search['eta']} settings with the highest forget rate so far (mean over seeds "
+                  "of each seed's highest) continued, and the last rung's survivors ran to the end. The worst cases "
+                  "below are over the settings run to the end; a pruned setting's forget rate is what it had reached "
+                  "when it stopped (a lower bound on its own worst case)."),
+        Table(["concept", "contender", "settings at each rung", "highest pruned setting: forget rate (setting, rung)"], rows),
+    ]
 
 
 def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curves, rank) -> list[Block]:

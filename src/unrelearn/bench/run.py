@@ -21,18 +21,22 @@ import json
 import shutil
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from unrelearn.bench.grid import Cell, Contender, digest, expand, load_preset, parse_shard, shard
+from unrelearn.bench.search import Halving
 from unrelearn.bench.store import CellResult, ResultStore
+from unrelearn.errors import UnrelearnError
 from unrelearn.io import OutputBusy, ensure_writable_parent, library_versions, output_lock
 from unrelearn.progress import stage
 
 GRID_SAMPLES = 16
+# How often a search shard looks for the cells of other shards that its next rung depends on.
+SEARCH_POLL_SECONDS = 5.0
 
 
 @dataclass
@@ -42,6 +46,8 @@ class BenchSummary:
     computed: int
     busy: list[str]
     folder: Path
+    # Attacks a worst-case search ran to a rung and paused (not cells: a cell is a whole attack).
+    paused: int = 0
 
 
 def durability_summary(points: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
@@ -75,9 +81,12 @@ def run_bench(
     progress: bool = True,
     command: str | None = None,
     model: str | None = None,
+    halving: int | None = None,
 ) -> BenchSummary:
     """Run the cells of ``preset_name`` (a preset's name or a preset dict) into ``out``; ``model``
-    replaces the preset's model (a preset for Stable Diffusion names none: the user's folder)."""
+    replaces the preset's model (a preset for Stable Diffusion names none: the user's folder).
+    ``halving`` (eta): search the worst case by successive halving instead of running every
+    cell to its end (:mod:`unrelearn.bench.search`)."""
     out = Path(out)
     ensure_writable_parent(out)
     index, count = parse_shard(shard_text)
@@ -85,18 +94,22 @@ def run_bench(
     if model is not None:
         preset = preset | {"model": model}
     cells = expand(preset, oracles)
+    search = Halving(cells, halving) if halving is not None else None
     mine = shard(cells, index, count)
     out.mkdir(parents=True, exist_ok=True)
     store = ResultStore(out / "results.sqlite")
     try:
-        store.set_meta(f"preset:{preset['name']}", {"preset": preset, "cells": [c.key for c in cells],
-                                                    "command": command, "oracles": oracles or {}})  # fmt: skip
+        store.set_meta(f"preset:{preset['name']}", {"preset": preset, "cells": [c.key for c in cells], "command": command,
+                                                    "oracles": oracles or {}, "halving": halving})  # fmt: skip
         store.set_meta(f"environment:{socket.gethostname()}", {"hardware": _hardware(device), "versions": library_versions()})
         done = store.finished_keys()
         todo = [c for c in mine if c.key not in done]
         stage(f"bench {preset['name']}: {len(cells)} cells, {sum(c.key in done for c in cells)} finished before; "
               f"this shard ({index + 1}/{count}) runs {len(todo)}", progress)  # fmt: skip
         runner = _Runner(store, out, preset.get("model", "builtin:shapes"), device, keep_models, progress)
+        if search is not None:
+            computed, paused = _search(search, store, runner, {c.key for c in mine}, preset["name"], progress)
+            return BenchSummary(len(cells), len(mine) - len(todo), computed, [], out, paused)
         computed, busy = 0, []
         for number, cell in enumerate(todo, 1):
             stage(f"cell {number}/{len(todo)}: {cell.concept} | {cell.contender.label} | {cell.attack_label} | "
@@ -116,6 +129,55 @@ def run_bench(
         store.close()
 
 
+def _search(
+    search: Halving, store: ResultStore, runner: _Runner, mine: set[str], name: str, progress: bool
+) -> tuple[int, int]:
+    """Successive halving: run what the search asks for now, rung by rung, until every group is
+    complete. Another shard's cells are waited for: the next rung depends on them. Returns the
+    cells finished and the attacks paused by this process."""
+    computed, paused, waited, last = 0, 0, False, None
+    while True:
+        finished = {c.key: c.points for c in store.cells()}
+        work, states = search.plan(finished, store.partials())
+        store.set_meta(f"search:{name}", {"method": "halving", "eta": search.eta, "groups": [asdict(s) for s in states]})
+        # A pruned setting never continues: its checkpoints (a model and optimizer state per
+        # seed, gigabytes on Stable Diffusion) go.
+        for pruned in (p for state in states for p in state.pruned):
+            for key in pruned.cells:
+                shutil.rmtree(runner.out / "cells" / f"{key}.checkpoint", ignore_errors=True)
+        if not work:
+            stage(f"worst-case search (halving, eta {search.eta}) complete: " + "; ".join(
+                f"{s.concept} | {s.contender}: {' -> '.join(map(str, s.candidates))} settings" for s in states), progress)  # fmt: skip
+            return computed, paused
+        runnable = [w for w in work if w.cell.key in mine]
+        if runnable and runnable == last:
+            raise UnrelearnError(f"the worst-case search made no progress on {len(runnable)} cell(s); "
+                                 f"see the events table of {str(store.path)!r}")  # fmt: skip
+        busy = False
+        for number, item in enumerate(runnable, 1):
+            cell = item.cell
+            until = "the end" if item.stop_at is None else f"step {item.stop_at}"
+            stage(f"search {number}/{len(runnable)}: {cell.concept} | {cell.contender.label} | {cell.attack_label} | "
+                  f"seed {cell.seed} | to {until}", progress)  # fmt: skip
+            try:
+                with output_lock(runner.out / "cells" / f"{cell.key}.claim"):
+                    if cell.key in store.finished_keys() or (cell.key, item.stop_at) in store.partials():
+                        continue
+                    runner.run(cell, stop_at=item.stop_at)
+                    if item.stop_at is None:
+                        computed += 1
+                    else:
+                        paused += 1
+            except OutputBusy:
+                busy = True  # another process runs it; a later plan sees its result
+        last = None if busy else runnable
+        if len(runnable) < len(work) or busy:
+            if not waited:
+                stage(f"waiting for {len(work) - len(runnable)} cell(s) of other processes before the next rung", progress)
+            waited = True
+            time.sleep(SEARCH_POLL_SECONDS)
+
+
 class _Runner:
     def __init__(
         self, store: ResultStore, out: Path, base_model: str, device: Any, keep_models: bool, progress: bool
@@ -124,13 +186,14 @@ class _Runner:
         self.device, self.keep_models, self.progress = device, keep_models, progress
         self._original: Any = None
 
-    def run(self, cell: Cell) -> None:
+    def run(self, cell: Cell, stop_at: int | None = None) -> None:
+        """The cell's attack to its end (its row in the store), or paused at ``stop_at`` (a partial row)."""
         from unrelearn.attacks import AttackConfig, attack
         from unrelearn.evaluate import EvalConfig
         from unrelearn.model import DiffusionModel
 
         began = time.perf_counter()
-        self.store.log(cell.key, "started")
+        self.store.log(cell.key, "started" if stop_at is None else f"started to {stop_at}")
         eval_config = EvalConfig(**cell.evaluation)
         reference = self.reference(cell.concept, eval_config)
         model_dir = self.model(cell.contender, cell.concept, eval_config)
@@ -142,7 +205,10 @@ class _Runner:
             model = DiffusionModel.load(model_dir, device=self.device)
             curve = attack(model, cell.concept, AttackConfig(**cell.attack), folder, list(cell.eval_at), eval_config,
                            reference_rate=reference, progress=self.progress, initial_point=start,
-                           original_model=self.original(model, cell.attack["data"]))  # fmt: skip
+                           original_model=self.original(model, cell.attack["data"]), stop_at=stop_at)  # fmt: skip
+        if stop_at is not None:
+            self.store.add_partial(cell.key, stop_at, [p for p in curve["points"] if p["step"] <= stop_at])
+            return
         grid = self.out / "grids" / f"cell-{cell.key}.png"
         if not grid.is_file():
             attacked = DiffusionModel.load(folder / "model", device=self.device)
@@ -267,6 +333,7 @@ def _flagged_grid(model: Any, concept: str, eval_config: Any, path: Path, title:
 
 def describe(summary: BenchSummary) -> str:
     busy = f", {len(summary.busy)} left to other processes" if summary.busy else ""
+    busy += f", {summary.paused} attacks paused at a rung of the search" if summary.paused else ""
     return (
         f"{summary.cells} cells: {summary.already_done} finished before, {summary.computed} computed now{busy}; "
         f"results in {summary.folder / 'results.sqlite'}, `unrelearn report {summary.folder}` draws them"

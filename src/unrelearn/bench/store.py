@@ -6,7 +6,8 @@ together or not at all, and a writer that finds the database busy waits instead 
 row. WAL mode lets the report read while shards write. The file must live on a file system with
 working POSIX locks (a local disk or a lock-capable cluster file system, not NFS without locks).
 
-An ``events`` table logs every start and finish of a cell with host and pid: it is how a resumed
+A ``partials`` table holds the curves of attacks a worst-case search paused part-way (its
+rungs); a store without it gains it when opened. An ``events`` table logs every start and finish of a cell with host and pid: it is how a resumed
 benchmark shows that it recomputed no finished cell.
 """
 
@@ -80,6 +81,13 @@ CREATE TABLE IF NOT EXISTS evaluations (
     model TEXT NOT NULL,
     concept TEXT NOT NULL,
     metrics TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS partials (
+    cell TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    points TEXT NOT NULL,
+    finished_at REAL NOT NULL,
+    PRIMARY KEY (cell, step)
 );
 CREATE TABLE IF NOT EXISTS events (
     time REAL NOT NULL,
@@ -212,6 +220,17 @@ class ResultStore:
                 "SELECT * FROM cells ORDER BY concept, contender, attack, seed"
             )
         ]
+
+    def add_partial(self, cell: str, step: int, points: list[dict[str, Any]]) -> None:
+        """The curve of ``cell``'s attack paused at ``step`` (a rung of a worst-case search)."""
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO partials VALUES (?, ?, ?, ?)", (cell, step, json.dumps(points), time.time()))
+            db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?)",
+                       (time.time(), socket.gethostname(), os.getpid(), cell, f"paused at {step}"))  # fmt: skip
+
+    def partials(self) -> dict[tuple[str, int], list[dict[str, Any]]]:
+        """(cell, step) -> the curve up to that step, of every paused attack."""
+        return {(cell, step): json.loads(points) for cell, step, points in self._db.execute("SELECT cell, step, points FROM partials")}
 
     # -- models and reference evaluations -------------------------------------------------
     def add_model(self, key: str, concept: str, contender: str, spec: dict, path: str, record: dict) -> None:
