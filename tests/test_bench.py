@@ -391,6 +391,9 @@ def test_halving_keeps_the_strongest_third_per_contender_and_counts_finished_cel
     assert work == [] and all(s.complete for s in states)
     assert {w.stop_at for w in Halving(cells, eta=1).plan({}, {})[0]} == {None}
     assert isinstance(Work(cells[0], None).cell, type(cells[0])) and setting_key(cells[0]) != cells[0].key
+    # Per contender: 3 settings x 2 seeds to step 2 (one evaluation each), 1 x 2 from 2 to 4.
+    assert search.cost() == ((2 * (3 * 2 * 2 + 1 * 2 * 2), 2 * (3 * 2 + 1 * 2)), (12 * 4, 12 * 2))
+    assert Halving(cells, eta=1).cost() == ((48, 24), (48, 24))
     with pytest.raises(UnrelearnError, match="--halving"):
         Halving(cells, eta=0)
 

@@ -505,7 +505,7 @@ def bench(
     if model is not None:
         _world_of(model, None)  # a missing or malformed folder fails here, before any work
     if list_cells:
-        for line in list_bench(preset, out, oracles, model=model):
+        for line in list_bench(preset, out, oracles, model=model, halving=halving):
             typer.echo(line)
         return
     command = shlex.join(["unrelearn", *sys.argv[1:]])

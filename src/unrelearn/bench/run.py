@@ -340,8 +340,12 @@ def describe(summary: BenchSummary) -> str:
     )
 
 
-def list_bench(preset_name: str, out: str | Path, oracles: dict[str, str] | None = None, model: str | None = None) -> list[str]:
-    """One line per cell of the preset: key, what it runs, and whether ``out`` holds its result."""
+def list_bench(
+    preset_name: str, out: str | Path, oracles: dict[str, str] | None = None, model: str | None = None,
+    halving: int | None = None,
+) -> list[str]:
+    """One line per cell of the preset: key, what it runs, and whether ``out`` holds its result;
+    with ``halving``, what the search costs at most against the full grid."""
     preset = load_preset(preset_name)
     cells = expand(preset | {"model": model} if model is not None else preset, oracles)
     done: set[str] = set()
@@ -351,4 +355,10 @@ def list_bench(preset_name: str, out: str | Path, oracles: dict[str, str] | None
         store.close()
     lines = [f"{c.key}  {'done   ' if c.key in done else 'pending'}  {c.concept} | {c.contender.label} | "
              f"{c.attack_label} | seed {c.seed}" for c in cells]  # fmt: skip
-    return lines + [f"{len(cells)} cells, {sum(c.key in done for c in cells)} finished"]
+    lines.append(f"{len(cells)} cells, {sum(c.key in done for c in cells)} finished")
+    if halving is not None:
+        (steps, evaluations), (all_steps, all_evaluations) = Halving(cells, halving).cost()
+        lines.append(f"search (halving, eta {halving}): at most {steps:,} attack steps and {evaluations:,} evaluations, "
+                     f"against {all_steps:,} and {all_evaluations:,} for every cell to its end "
+                     f"({all_steps / steps:.1f}x and {all_evaluations / evaluations:.1f}x)")  # fmt: skip
+    return lines

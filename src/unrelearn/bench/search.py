@@ -82,6 +82,24 @@ class Halving:
         shared = set.intersection(*(set(c.eval_at) for c in cells))
         return sorted(step for step in shared if 0 < step < shortest)
 
+    def cost(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(attack steps, evaluations) of the search at most and of the full grid: what to plan a
+        job for. Evaluations at step 0 are shared by all of a model's attacks and not counted."""
+        searched, full = [0, 0], [0, 0]
+        for settings in self.groups.values():
+            rungs = self.rungs(settings) if self.eta > 1 else []
+            cells = [c for group in settings.values() for c in group]
+            full[0] += sum(c.attack["steps"] for c in cells)
+            full[1] += sum(sum(step > 0 for step in c.eval_at) for c in cells)
+            seeds = max(len(group) for group in settings.values())
+            alive, reached = len(settings), 0
+            for rung in [*rungs, None]:
+                end = rung if rung is not None else max(c.attack["steps"] for c in cells)
+                searched[0] += alive * seeds * (end - reached)
+                searched[1] += alive * seeds * len({s for c in cells for s in c.eval_at if reached < s <= end})
+                alive, reached = math.ceil(alive / self.eta), end
+        return (searched[0], searched[1]), (full[0], full[1])
+
     def plan(
         self, finished: dict[str, list[dict[str, Any]]], partials: dict[tuple[str, int], list[dict[str, Any]]]
     ) -> tuple[list[Work], list[GroupState]]:
