@@ -13,6 +13,10 @@ its attack checkpoint, an interrupted unlearning from its own, so a killed bench
 recomputes nothing that finished and ends with the uninterrupted results. Shards (``--shard
 i/n``) take disjoint cells; cells and models they share are guarded by file locks, so shards
 and plain concurrent runs into one ``DIR`` never do the same work twice at once.
+
+``--halving ETA`` replaces "every cell to its end" by a worst-case search over the attack
+settings (:mod:`unrelearn.bench.search`): attacks pause at rungs (``partials`` in the store,
+their checkpoints kept) and only the strongest continue.
 """
 
 from __future__ import annotations
