@@ -362,7 +362,7 @@ def list_bench(
     lines.append(f"{len(cells)} cells, {sum(c.key in done for c in cells)} finished")
     if halving is not None:
         (steps, evaluations), (all_steps, all_evaluations) = Halving(cells, halving).cost()
-        lines.append(f"search (halving, eta {halving}): at most {steps:,} attack steps and {evaluations:,} evaluations, "
-                     f"against {all_steps:,} and {all_evaluations:,} for every cell to its end "
-                     f"({all_steps / steps:.1f}x and {all_evaluations / evaluations:.1f}x)")  # fmt: skip
+        lines.append(f"search (halving, eta {halving}): from {steps:,} attack steps and {evaluations:,} evaluations "
+                     f"(every rung prunes to 1/{halving}: {all_steps / steps:.1f}x and {all_evaluations / evaluations:.1f}x "
+                     f"fewer) up to the full grid's {all_steps:,} and {all_evaluations:,} (no setting clearly weaker)")  # fmt: skip
     return lines

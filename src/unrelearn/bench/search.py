@@ -82,18 +82,23 @@ class Halving:
         shared = set.intersection(*(set(c.eval_at) for c in cells))
         return sorted(step for step in shared if 0 < step < shortest)
 
-    def cost(self) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(attack steps, evaluations) of the search at most and of the full grid: what to plan a
-        job for. Evaluations at step 0 are shared by all of a model's attacks and not counted."""
+    def cost(self, states: list[GroupState] | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(attack steps, evaluations) of the search and of the full grid. Without ``states``, the
+        search's least: every rung prunes to ``1/eta`` (settings that are not clearly weaker
+        continue too, so at most it costs the full grid); with the ``states`` of a finished search,
+        what it spent. Evaluations at step 0 are shared by all of a model's attacks, not counted."""
         searched, full = [0, 0], [0, 0]
-        for settings in self.groups.values():
+        found = {(s.concept, s.contender): s.candidates for s in states or []}
+        for (concept, contender), settings in sorted(self.groups.items()):
             rungs = self.rungs(settings) if self.eta > 1 else []
             cells = [c for group in settings.values() for c in group]
             full[0] += sum(c.attack["steps"] for c in cells)
             full[1] += sum(sum(step > 0 for step in c.eval_at) for c in cells)
             seeds = max(len(group) for group in settings.values())
             alive, reached = len(settings), 0
-            for rung in [*rungs, None]:
+            for level, rung in enumerate([*rungs, None]):
+                if (concept, contender) in found:
+                    alive = found[(concept, contender)][level]
                 end = rung if rung is not None else max(c.attack["steps"] for c in cells)
                 searched[0] += alive * seeds * (end - reached)
                 searched[1] += alive * seeds * len({s for c in cells for s in c.eval_at if reached < s <= end})
@@ -113,8 +118,15 @@ class Halving:
                 return partials[(cell.key, rung)]
             return finished.get(cell.key)
 
-        def score(cells: list[Cell], rung: int) -> float:
-            highs = [max(p["forget_rate"] for p in curve(c, rung) if p["step"] <= rung) for c in cells]
+        def score(cells: list[Cell], rung: int, bound: int | None = None) -> float:
+            """Mean over seeds of each seed's highest forget rate so far (``bound`` 1: of the
+            upper ends of its points' intervals, what the setting may have reached)."""
+
+            def value(point: dict[str, Any]) -> float:
+                interval = point.get("forget_rate_ci")
+                return point["forget_rate"] if bound is None or not interval else interval[bound]
+
+            highs = [max(value(p) for p in curve(c, rung) if p["step"] <= rung) for c in cells]
             return sum(highs) / len(highs)
 
         work: list[Work] = []
@@ -135,8 +147,13 @@ class Halving:
                 scores = {s: score(settings[s], rung) for s in candidates}
                 ranked = sorted(candidates, key=lambda s: (-scores[s], s))
                 keep = math.ceil(len(ranked) / self.eta)
+                # A setting continues unless it is clearly weaker: the upper ends of its
+                # intervals stay below the weakest survivor's rate. On a model that nothing has
+                # relearned yet the rates are noise, and ranking on them prunes at random.
+                bar = scores[ranked[keep - 1]]
+                survivors = ranked[:keep] + [s for s in ranked[keep:] if score(settings[s], rung, bound=1) >= bar]
                 state.pruned += [Pruned(attack_label(settings[s][0].attack), rung, scores[s], [c.key for c in settings[s]])
-                                 for s in ranked[keep:]]  # fmt: skip
-                candidates = ranked[:keep]
+                                 for s in ranked if s not in survivors]  # fmt: skip
+                candidates = survivors
             states.append(state)
         return work, states
