@@ -188,8 +188,9 @@ def _search_blocks(search: dict[str, Any], rank) -> list[Block]:
     return [
         Heading("Worst-case search", 3),
         Paragraph(f"Successive halving (eta {search['eta']}): every attack setting ran to the first rung; at each "
-                  f"rung only the 1/{search['eta']} settings with the highest forget rate so far (mean over seeds "
-                  "of each seed's highest) continued, and the last rung's survivors ran to the end. The worst cases "
+                  f"rung the 1/{search['eta']} settings with the highest forget rate so far (mean over seeds "
+                  "of each seed's highest) continued, with every setting not clearly weaker (its interval reaching the "
+                  "weakest survivor's rate), and the last rung's survivors ran to the end. The worst cases "
                   "below are over the settings run to the end; a pruned setting's forget rate is what it had reached "
                   "when it stopped (a lower bound on its own worst case)."),
         Table(["concept", "contender", "settings at each rung", "highest pruned setting: forget rate (setting, rung)"], rows),

@@ -5,13 +5,16 @@ worst case over all of them is what a durable defence must survive, and most of 
 settings that are obviously not the worst. An attacker tuning their fine-tuning would not run
 them to the end either. Per concept and contender, every setting (all its seeds) runs to the
 first rung, an evaluated step; the ``1/eta`` settings with the highest forget rate so far (mean
-over seeds of each seed's highest) continue to the next rung, and so on; the survivors of the
-last rung run to the end. Paused attacks resume from their checkpoints, so a survivor's curve
+over seeds of each seed's highest) continue to the next rung, and so does every setting that
+is not clearly weaker (the upper ends of its intervals reach the weakest survivor's rate: early
+in an attack on a robust model every rate is near zero, and ranking noise prunes at random);
+the survivors of the last rung run to the end. Paused attacks resume from their checkpoints, so a survivor's curve
 is exactly the uninterrupted attack's, and a cell finished by the full grid counts at every rung.
 
 What it can miss: a setting that relearns late (a low learning rate) may rank low at the first
-rung and be pruned although it would end highest. The report names every pruned setting with
-the forget rate it had reached; ``eta`` 1 prunes nothing (the full grid).
+rung and be pruned although it would end highest (``benchmarks/halving_replay.py`` measures
+this on finished grids). The report names every pruned setting with the forget rate it had
+reached; ``eta`` 1 prunes nothing (the full grid).
 """
 
 from __future__ import annotations
