@@ -177,6 +177,26 @@ def test_harm_method_without_fine_tuning_cancels_to_the_base_method(minilm):
     assert max((p - q).abs().max() for p, q in zip(base.unet.parameters(), moved.unet.parameters())) > 1e-4
 
 
+def test_resilience_after_ft_adds_beta_times_the_hypergradient_without_the_theta_half(minilm):
+    """Without fine-tuning (lr 0, no Richardson iteration) the hypergradient is grad L_harm(theta):
+    "difference" cancels it (ESD-u-1, test above) and "after_ft" keeps it, so one SGD step moves
+    the weights away from ESD-u-1's by exactly beta times one fixed vector."""
+    one_step = FAST_ESD | {"optimizer": "sgd", "lr": 1e-1, "steps": 1}
+    no_fine_tuning = FAST_RESILIENCE | {"harm": "method", "ft_lrs": [0.0], "solve_iterations": 0}
+    base = fresh_model(minilm)
+    unlearn(base, "esd-u-1", "circle", overrides=one_step, progress=False)
+    moved = {}
+    for beta in (0.4, 0.8):
+        model = fresh_model(minilm)
+        record = unlearn(model, "resalign:esd-u-1", "circle", progress=False,
+                         overrides=one_step | no_fine_tuning | {"beta": beta, "resilience": "after_ft"})  # fmt: skip
+        assert record["final_losses"]["resilience"] == pytest.approx(beta * record["final_losses"]["harm_after_ft"])
+        moved[beta] = [q - p for p, q in zip(base.unet.parameters(), model.unet.parameters())]
+    assert max(d.abs().max() for d in moved[0.4]) > 1e-4
+    for half, full in zip(moved[0.4], moved[0.8]):
+        torch.testing.assert_close(full, 2 * half, rtol=0, atol=1e-6)
+
+
 def test_closed_form_stage_with_beta_and_alpha_zero_is_the_edit_bit_for_bit(minilm):
     base, wrapped = fresh_model(minilm), fresh_model(minilm)
     unlearn(base, "uce", "circle", progress=False)

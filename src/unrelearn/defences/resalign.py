@@ -74,6 +74,11 @@ class ResilienceOptions:
     # official code's loss_mode ga); "method", the wrapped method's own loss (its loss_mode esd,
     # for ESD): bounded, and minimized rather than fought by the resilience term's -L_harm(theta).
     harm: Literal["ga", "method"] = "ga"
+    # "difference": the paper's beta [L_harm(theta_FT*) - L_harm(theta)]. Around a method whose
+    # loss is not L_harm (resalign:esd-u-1 with harm ga), its -beta L_harm(theta) half relearns
+    # the concept at theta (docs/defences/resalign_tuning.md); "after_ft" keeps only
+    # beta L_harm(theta_FT*): unlearn at the fine-tuned point as well as at theta.
+    resilience: Literal["difference", "after_ft"] = "difference"
 
 
 # The embedded world's attacks run at 1e-4 where the paper's run at 1e-5: the lr grid moves with
@@ -144,7 +149,8 @@ class Resilience:
         return model.images_to_model_space(images.to(model.device)), model.encode_prompts(prompts)
 
     def terms(self, generator: torch.Generator) -> dict[str, Any]:
-        """``"loss"``: ``-beta L_harm(theta)`` (differentiable); ``"grads"``: ``beta`` times the mean
+        """``"loss"``: ``-beta L_harm(theta)`` (differentiable; zero for ``resilience`` after_ft);
+        ``"grads"``: ``beta`` times the mean
         hypergradient of the solves that converged; the logged scalars."""
         method, config = self.method, self.method.config
         model = method.model
@@ -177,9 +183,10 @@ class Resilience:
             return logged | {"loss": torch.zeros((), device=model.device), "grads": {}, "hypergrad_norm": 0.0}
         mean = {n: sum(h[n] for h in hypergrads) / len(hypergrads) for n in params}
         logged["hypergrad_norm"] = norm(mean)
-        logged["resilience"] = config.beta * (logged["harm_after_ft"] - logged["harm"])
+        difference = config.resilience == "difference"
+        logged["resilience"] = config.beta * (logged["harm_after_ft"] - (logged["harm"] if difference else 0.0))
         return logged | {
-            "loss": -config.beta * at_theta,
+            "loss": -config.beta * at_theta if difference else torch.zeros((), device=model.device),
             "grads": {n: config.beta * g.to(params[n].dtype) for n, g in mean.items()},
         }
 
