@@ -22,7 +22,7 @@ from unrelearn.assets import load_model
 from unrelearn.attacks import AttackConfig, attack, parse_eval_at
 from unrelearn.attacks.finetune import EMBEDDED_DEFAULTS
 from unrelearn.evaluate import EvalConfig, evaluate
-from unrelearn.io import library_versions, merge_json_rows, write_text_atomic
+from unrelearn.io import command_legend, library_versions, merge_json_rows, write_text_atomic
 from unrelearn.methods import unlearn
 from unrelearn.model import DiffusionModel
 
@@ -80,12 +80,12 @@ def main() -> None:
                 if not any((m["concept"], m["method"], m["variant"]) == (concept, method, variant) for m in table["models"]):
                     before = evaluate(DiffusionModel.load(folder), concept, eval_config, progress=False).metrics
                     table["models"].append({
-                        "concept": concept, "method": method, "variant": variant, "config": record["config"],
+                        "concept": concept, "method": method, "variant": variant, "config": record["config"], "command": command,
                         "final_losses": record.get("final_losses"), "wall_seconds": record["wall_seconds"],
                         **{k: before[k] for k in ("forget_rate", "forget_rate_ci", "retain_alignment",
                                                   "retain_alignment_ci", "fid")},
                     })  # fmt: skip
-                    table = _save(args.out, table, command)
+                    table = _save(args.out, table)
                 for data in args.attacks.split(","):
                     for lr in (float(x) for x in args.lrs.split(",")):
                         key = {"concept": concept, "method": method, "variant": variant, "attack": data, "lr": lr}
@@ -96,21 +96,22 @@ def main() -> None:
                         curve = attack(DiffusionModel.load(folder), concept, config, folder.with_name(f"{folder.name}-{data}-{lr:g}"),
                                        eval_at, eval_config, threshold=0.5)  # fmt: skip
                         for p in curve["points"]:
-                            table["cells"].append(key | {k: p[k] for k in ("step", "forget_rate", "forget_rate_ci",
-                                                                             "retain_alignment")})  # fmt: skip
-                        table = _save(args.out, table, command)
+                            table["cells"].append(key | {"command": command} | {
+                                k: p[k] for k in ("step", "forget_rate", "forget_rate_ci", "retain_alignment")})  # fmt: skip
+                        table = _save(args.out, table)
 
 
-def _save(out: Path, table: dict, command: str) -> dict:
+def _save(out: Path, table: dict) -> dict:
     """Merge this process's rows into OUT.json (other processes may be filling it too) and
     rewrite OUT.md from the merged table."""
     table = merge_json_rows(
         out.with_suffix(".json"), table,
         {"models": ("concept", "method", "variant"), "cells": ("concept", "method", "variant", "attack", "lr", "step")},
-        {"command": command, "versions": library_versions()},
+        {"versions": library_versions()},
     )  # fmt: skip
-    lines = ["| concept | method | variant | before: forget / alignment / FID | attack | lr | forget rate by step |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    legend, marks = command_legend(table["models"] + table["cells"])
+    lines = ["| concept | method | variant | before: forget / alignment / FID | attack | lr | forget rate by step | made by |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for m in table["models"]:
         lo, hi = m["forget_rate_ci"]
         before = f"{m['forget_rate']:.3f} [{lo:.3f}, {hi:.3f}] / {m['retain_alignment']:.3f} / {m['fid']:.0f}"
@@ -119,12 +120,13 @@ def _save(out: Path, table: dict, command: str) -> dict:
             if (c["concept"], c["method"], c["variant"]) == (m["concept"], m["method"], m["variant"]):
                 groups.setdefault((c["attack"], c["lr"]), []).append(c)
         if not groups:
-            lines.append(f"| {m['concept']} | {m['method']} | {m['variant']} | {before} | | | |")
+            lines.append(f"| {m['concept']} | {m['method']} | {m['variant']} | {before} | | | | {marks[m.get('command')]} |")
         for (data, lr), cells in groups.items():
             steps = "; ".join(f"{c['step']}: {c['forget_rate']:.3f} [{c['forget_rate_ci'][0]:.3f}, {c['forget_rate_ci'][1]:.3f}]"
                               for c in sorted(cells, key=lambda c: c["step"]))  # fmt: skip
-            lines.append(f"| {m['concept']} | {m['method']} | {m['variant']} | {before} | {data} | {lr:g} | {steps} |")
-    write_text_atomic(out.with_suffix(".md"), f"`{command}`\n\n" + "\n".join(lines) + "\n")
+            made = ", ".join(dict.fromkeys(marks[c.get("command")] for c in cells))
+            lines.append(f"| {m['concept']} | {m['method']} | {m['variant']} | {before} | {data} | {lr:g} | {steps} | {made} |")
+    write_text_atomic(out.with_suffix(".md"), "\n".join(legend + lines) + "\n")
     return table
 
 

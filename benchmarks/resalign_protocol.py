@@ -26,7 +26,7 @@ from unrelearn.assets import load_model
 from unrelearn.attacks import AttackConfig, attack, parse_eval_at
 from unrelearn.attacks.finetune import EMBEDDED_DEFAULTS
 from unrelearn.evaluate import EvalConfig
-from unrelearn.io import library_versions, merge_json_rows, write_text_atomic
+from unrelearn.io import command_legend, library_versions, merge_json_rows, write_text_atomic
 from unrelearn.methods import unlearn
 
 FIXED = {"ft_lrs": [1e-4], "ft_steps": [10], "ft_optimizers": ["adam"], "ft_modes": ["full"], "ft_data": ["hrm-m"]}
@@ -84,26 +84,29 @@ def main() -> None:
                     out = args.work / concept / f"rp-{name.replace(':', '-')}-{data}-{mode}-{lr:g}"
                     curve = attack(load_model(source), concept, config, out, eval_at, eval_config, threshold=0.5)
                     for p in curve["points"]:
-                        table["cells"].append(key | {k: p[k] for k in ("step", "forget_rate", "forget_rate_ci", "retain_alignment")})
-                    table = _save(args.out, table, command)
+                        table["cells"].append(key | {"command": command} | {
+                            k: p[k] for k in ("step", "forget_rate", "forget_rate_ci", "retain_alignment")})  # fmt: skip
+                    table = _save(args.out, table)
 
 
-def _save(out: Path, table: dict, command: str) -> dict:
+def _save(out: Path, table: dict) -> dict:
     table = merge_json_rows(
         out.with_suffix(".json"), table, {"cells": ("concept", "model", "attack", "mode", "lr", "step")},
-        {"command": command, "versions": library_versions()},
+        {"versions": library_versions()},
     )  # fmt: skip
+    legend, marks = command_legend(table["cells"])
     groups: dict[tuple, list] = {}
     for c in table["cells"]:
         groups.setdefault((c["concept"], c["model"], c["attack"], c["mode"], c["lr"]), []).append(c)
-    lines = ["| concept | model | attack | mode | lr | forget rate by step [95% CI] | retain alignment by step |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| concept | model | attack | mode | lr | forget rate by step [95% CI] | retain alignment by step | made by |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for (concept, model, data, mode, lr), cells in groups.items():
         cells = sorted(cells, key=lambda c: c["step"])
         rates = "; ".join(f"{c['step']}: {c['forget_rate']:.3f} [{c['forget_rate_ci'][0]:.3f}, {c['forget_rate_ci'][1]:.3f}]" for c in cells)
         alignment = "; ".join(f"{c['step']}: {c['retain_alignment']:.3f}" for c in cells)
-        lines.append(f"| {concept} | {model} | {data} | {mode} | {lr:g} | {rates} | {alignment} |")
-    write_text_atomic(out.with_suffix(".md"), f"`{command}`\n\n" + "\n".join(lines) + "\n")
+        made = ", ".join(dict.fromkeys(marks[c.get("command")] for c in cells))
+        lines.append(f"| {concept} | {model} | {data} | {mode} | {lr:g} | {rates} | {alignment} | {made} |")
+    write_text_atomic(out.with_suffix(".md"), "\n".join(legend + lines) + "\n")
     return table
 
 

@@ -51,3 +51,14 @@ def test_merged_rows_from_two_stale_writers_are_all_kept(tmp_path):
     updated = merge_json_rows(path, {"cells": [{"model": "a", "step": 0, "rate": 0.3}]}, keys, {})
     assert sorted((c["model"], c["rate"]) for c in updated["cells"]) == [("a", 0.3), ("b", 0.2)]
     assert updated["command"] == "two" and json.loads(path.read_text()) == updated
+
+
+def test_command_legend_numbers_each_rows_command_once():
+    from unrelearn.io import command_legend
+
+    rows = [{"command": "run a"}, {"command": "run b"}, {"command": "run a"}, {"x": 1}]
+    lines, marks = command_legend(rows)
+    assert "1. `run a`" in lines and "2. `run b`" in lines and sum(line.startswith(("1.", "2.")) for line in lines) == 2
+    assert [marks[r.get("command")] for r in rows] == ["1", "2", "1", "-"]
+    assert any("predate" in line for line in lines)
+    assert not any("predate" in line for line in command_legend(rows[:3])[0])

@@ -182,6 +182,18 @@ def merge_json_rows(path: str | Path, ours: dict[str, list[dict]], keys: dict[st
     return merged
 
 
+def command_legend(rows: list[dict]) -> tuple[list[str], dict[str | None, str]]:
+    """Markdown lines numbering the distinct ``"command"`` of ``rows``, and each command's mark
+    for a "made by" column, so a table merged from several runs names the run of every row
+    (rows written before rows carried their command get "-")."""
+    commands = list(dict.fromkeys(row["command"] for row in rows if row.get("command")))
+    marks: dict[str | None, str] = {None: "-"} | {command: str(n) for n, command in enumerate(commands, 1)}
+    lines = ["Made by (the last column of each row):", ""] + [f"{n}. `{c}`" for n, c in enumerate(commands, 1)]
+    if any(not row.get("command") for row in rows):
+        lines.append("- rows marked - predate per-row commands; the README gives them beside their tables")
+    return lines + [""], marks
+
+
 def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
