@@ -326,6 +326,8 @@ class Trainer:
     def run(self, resume: bool = True, stop_at: int | None = None) -> TrainResult:
         """Train to ``config.steps``, or pause at ``stop_at`` with a checkpoint there: a later run
         resumes from it to exactly the result of an uninterrupted one."""
+        if stop_at is not None and stop_at < self.config.steps and self.checkpoint_dir is None:
+            raise UnrelearnError("pausing a training run needs a checkpoint folder to resume from")
         start, losses, resumed_from = 0, [], None
         if resume and (loaded := self.load_checkpoint()) is not None:
             start, losses = loaded
@@ -341,8 +343,6 @@ class Trainer:
         began = time.perf_counter()
         last_checkpoint = start if resumed_from is not None else None
         stop = config.steps if stop_at is None else min(stop_at, config.steps)
-        if stop < config.steps and self.checkpoint_dir is None:
-            raise UnrelearnError("pausing a training run needs a checkpoint folder to resume from")
         for step in range(start, stop):
             out = self.loss_fn(step, step_generator(config.seed, step, processes.rank))
             terms = dict(out) if isinstance(out, Mapping) else {"loss": out}

@@ -7,8 +7,9 @@ row. WAL mode lets the report read while shards write. The file must live on a f
 working POSIX locks (a local disk or a lock-capable cluster file system, not NFS without locks).
 
 A ``partials`` table holds the curves of attacks a worst-case search paused part-way (its
-rungs); a store without it gains it when opened. An ``events`` table logs every start and finish of a cell with host and pid: it is how a resumed
-benchmark shows that it recomputed no finished cell.
+rungs); a store without it gains it when opened. An ``events`` table logs every start and
+finish of a cell with host and pid: it is how a resumed benchmark shows that it recomputed no
+finished cell.
 """
 
 from __future__ import annotations
