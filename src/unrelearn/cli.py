@@ -216,11 +216,10 @@ def demo(
     typer.echo(f"report: {headline['report']} (Markdown: {headline['markdown']})")
 
 
-def _option_defaults(config_class: type, skip: set[str] = frozenset()) -> list[str]:
+def _option_defaults(config_class: type) -> list[str]:
     from dataclasses import MISSING, fields
 
-    return [f"{f.name}={f.default if f.default_factory is MISSING else f.default_factory()}"
-            for f in fields(config_class) if f.name not in skip]  # fmt: skip
+    return [f"{f.name}={f.default if f.default_factory is MISSING else f.default_factory()}" for f in fields(config_class)]
 
 
 @app.command()
@@ -483,7 +482,8 @@ def bench(
     list_cells: bool = typer.Option(False, "--list", help="print the preset's cells and whether each is finished, run nothing"),
     model: str | None = typer.Option(None, help="the model the preset unlearns (replaces the preset's; required by sd-* presets)"),
     halving: int | None = typer.Option(None, help="ETA: search the worst case by successive halving: at each evaluated step "
-                                       "only the 1/ETA strongest attack settings continue (per concept and contender)"),
+                                       "only the 1/ETA strongest attack settings (per concept and contender) and those "
+                                       "not clearly weaker continue"),
     device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Run a grid of unlearning methods and defences against attacks into OUT (resumable, shardable).
