@@ -311,10 +311,15 @@ def test_dimra_table_rows_by_hand(tmp_path):
         _cell("salun", "salun", {}, "dimra-retain", 1e-4, [_point(0, 0.05, 0.8, fid=20.0), _point(500, 0.6, 0.1)]),
         _cell("oracle", None, {}, "dimra-retain", 1e-4, [_point(0, 0.02, 0.1, fid=10.0), _point(500, 0.03, 0.1)], oracle=True),
         _cell("salun", "salun", {}, "hrm-m", 1e-4, [_point(0, 0.05), _point(500, 1.0)]),  # not a DiMRA attack
+        # The same method and length saving its weights' EMA: a row of its own, told apart by ema_decay.
+        _cell("dimum-250-ema", "dimum", {"steps": 250, "ema_decay": 0.98}, "dimra-aux", 1e-4,
+              [_point(0, 0.0, 0.9, fid=11.0), _point(500, 0.05, 0.85)]),
     ]  # fmt: skip
     table = dimra_table(cells, "made by hand")
     rows = {r["label"]: r for r in table.rows}
-    assert set(rows) == {"dimum-250", "salun", "oracle"}
+    assert set(rows) == {"dimum-250", "dimum-250-ema", "salun", "oracle"}
+    assert (rows["dimum-250-ema"]["method"], rows["dimum-250-ema"]["unlearn_steps"]) == ("dimum", 250)
+    assert (rows["dimum-250-ema"]["ema_decay"], rows["dimum-250"]["ema_decay"], rows["oracle"]["ema_decay"]) == (0.98, None, None)
     dimum = rows["dimum-250"]
     assert (dimum["method"], dimum["unlearn_steps"], dimum["fid"], dimum["ar"], dimum["alternative_rate"]) == ("dimum", 250, 12.0, 0.0, 0.9)
     assert (dimum["max_ar_dimra_retain"], dimum["max_ar_dimra_retain_step"]) == (0.2, 100)

@@ -79,20 +79,21 @@ def _rate(value: float | None, interval: list | None = None) -> str:
     return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval and interval[0] is not None else "")
 
 
-def _method_and_steps(cell: CellResult) -> tuple[str, int | None]:
-    """The method family and its unlearning steps (the contender's option, else the embedded default)."""
+def _method_and_steps(cell: CellResult) -> tuple[str, int | None, float | None]:
+    """The method family, its unlearning steps (the contender's option, else the embedded
+    default) and the decay of the weight average it saved (None: its last iterate)."""
     from unrelearn.methods import resolve_method
     from unrelearn.methods.base import build_config
 
     contender = cell.spec["contender"]
     if cell.spec.get("oracle"):
-        return "oracle", None
+        return "oracle", None, None
     if contender["method"] is None:
-        return "original", None
+        return "original", None, None
     cls, variant = resolve_method(contender["method"])
     world = "embedded" if contender["model"].startswith("builtin:") else None  # which defaults applied
     config = build_config(cls, world, variant | contender["options"])
-    return contender["method"], getattr(config, "steps", None)
+    return contender["method"], getattr(config, "steps", None), getattr(config, "ema_decay", None)
 
 
 # Which column each DiMRA attack fills: the leaked retain set (assumption (i)), the held-out
@@ -114,10 +115,10 @@ def dimra_table(cells: list[CellResult], made: str) -> TableOutput:
     rows = []
     curves: dict[str, tuple[str, dict[str, list[dict[str, Any]]]]] = {}
     for (concept, label), group in sorted(groups.items()):
-        method, steps = _method_and_steps(group[0])
+        method, steps, ema_decay = _method_and_steps(group[0])
         start = next(p for p in group[0].points if p["step"] == 0)
         row: dict[str, Any] = {
-            "class": concept, "method": method, "label": label, "unlearn_steps": steps,
+            "class": concept, "method": method, "label": label, "unlearn_steps": steps, "ema_decay": ema_decay,
             "fid": start["fid"], "kid": start["kid"], "ar": start["forget_rate"], "ar_ci": start["forget_rate_ci"],
             "alternative_rate": start.get("alternative_rate"), "alternative_rate_ci": start.get("alternative_rate_ci"),
             "retain_alignment": start["retain_alignment"],
