@@ -449,3 +449,21 @@ def test_a_killed_cli_run_resumes_to_the_uninterrupted_weights(minilm, tmp_path)
     straight, resumed = unet_weights(tmp_path / "straight"), unet_weights(tmp_path / "killed")
     assert all(torch.equal(straight[n], resumed[n]) for n in straight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["killed", "model", "straight"]
+
+
+def test_options_added_later_leave_a_checkpoints_settings_as_they_were_at_their_defaults():
+    """A checkpoint written before an option existed (ResAlign's resilience, the memory options)
+    resumes: at its default the option is not part of a checkpoint's settings; set otherwise, it is."""
+    from dataclasses import fields
+
+    from unrelearn.defences.resalign import ResilienceOptions
+    from unrelearn.methods import resolve_method
+    from unrelearn.methods.base import _LATER_OPTIONS, OptimizationConfig, _checkpoint_config, build_config
+
+    defaults = {f.name: f.default for cls in (OptimizationConfig, ResilienceOptions) for f in fields(cls)}
+    assert all(defaults[name] == value for name, value in _LATER_OPTIONS.items())
+    cls, variant = resolve_method("resalign:esd-u-1")
+    plain = _checkpoint_config(build_config(cls, "shapes", variant))
+    assert not set(_LATER_OPTIONS) & set(plain) and plain["harm"] == "ga"  # harm predates this rule: kept
+    changed = _checkpoint_config(build_config(cls, "shapes", variant | {"resilience": "after_ft"}))
+    assert changed["resilience"] == "after_ft"

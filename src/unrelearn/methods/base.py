@@ -407,7 +407,9 @@ def _unlearn(
 
 # Options added after checkpoints were first written: at these values a run is what it was
 # before they existed, so they stay out of a checkpoint's settings (older checkpoints resume).
+# (ResAlign's resilience is written out: its options class imports this module.)
 _LATER_OPTIONS = {name: getattr(OptimizationConfig, name) for name in ("gradient_checkpointing", "mixed_precision", "generated_per_prompt")}
+_LATER_OPTIONS["resilience"] = "difference"
 
 
 def _checkpoint_config(config: Any) -> dict[str, Any]:
