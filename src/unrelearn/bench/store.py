@@ -120,29 +120,44 @@ class ResultStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            # isolation_level=None: transactions are opened explicitly (BEGIN IMMEDIATE), so a
-            # writer takes the write lock before it reads what it is about to change.
-            self._db = sqlite3.connect(self.path, timeout=300, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            with self._write() as db:
-                for statement in filter(str.strip, _SCHEMA.split(";")):
-                    db.execute(statement)
-                found = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
-                if found is None:
-                    db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-                elif int(found[0]) in (3, 4):
-                    if int(found[0]) == 3:
-                        _migrate_3_to_4(db)
-                    _migrate_4_to_5(db)
-                elif int(found[0]) != SCHEMA_VERSION:
-                    raise UnrelearnError(
-                        f"{str(self.path)!r} holds results of store schema {found[0]}, this unrelearn writes schema "
-                        f"{SCHEMA_VERSION}; use a new --out folder"
-                    )
-        except sqlite3.DatabaseError as error:
-            raise UnrelearnError(f"{str(self.path)!r} is not a usable results store ({error}); choose another --out") from None
+        # Two processes opening a new store at once can see "database is locked" from the switch
+        # to WAL, which SQLite reports without waiting on its busy timeout: retried, not fatal.
+        deadline = time.monotonic() + 300
+        self._db: sqlite3.Connection | None = None
+        while True:
+            try:
+                self._open()
+                return
+            except sqlite3.OperationalError as error:
+                if self._db is not None:
+                    self._db.close()
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise UnrelearnError(f"{str(self.path)!r} is not a usable results store ({error}); choose another --out") from None
+                time.sleep(0.2)
+            except sqlite3.DatabaseError as error:
+                raise UnrelearnError(f"{str(self.path)!r} is not a usable results store ({error}); choose another --out") from None
+
+    def _open(self) -> None:
+        # isolation_level=None: transactions are opened explicitly (BEGIN IMMEDIATE), so a
+        # writer takes the write lock before it reads what it is about to change.
+        self._db = sqlite3.connect(self.path, timeout=300, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        with self._write() as db:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+            found = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+            if found is None:
+                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(found[0]) in (3, 4):
+                if int(found[0]) == 3:
+                    _migrate_3_to_4(db)
+                _migrate_4_to_5(db)
+            elif int(found[0]) != SCHEMA_VERSION:
+                raise UnrelearnError(
+                    f"{str(self.path)!r} holds results of store schema {found[0]}, this unrelearn writes schema "
+                    f"{SCHEMA_VERSION}; use a new --out folder"
+                )
 
     def close(self) -> None:
         self._db.close()
