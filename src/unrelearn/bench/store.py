@@ -128,14 +128,13 @@ class ResultStore:
             try:
                 self._open()
                 return
-            except sqlite3.OperationalError as error:
+            except sqlite3.DatabaseError as error:
                 if self._db is not None:
                     self._db.close()
-                if "locked" not in str(error) or time.monotonic() > deadline:
+                retry = isinstance(error, sqlite3.OperationalError) and "locked" in str(error) and time.monotonic() < deadline
+                if not retry:
                     raise UnrelearnError(f"{str(self.path)!r} is not a usable results store ({error}); choose another --out") from None
                 time.sleep(0.2)
-            except sqlite3.DatabaseError as error:
-                raise UnrelearnError(f"{str(self.path)!r} is not a usable results store ({error}); choose another --out") from None
 
     def _open(self) -> None:
         # isolation_level=None: transactions are opened explicitly (BEGIN IMMEDIATE), so a
