@@ -75,6 +75,20 @@ def test_presets_expand_to_checked_cells():
     assert len(two) == 2 * len(one)
 
 
+def test_an_attack_entry_can_attack_some_contenders_only():
+    grid = TINY | {"contenders": [{"label": "uce", "method": "uce"}, {"label": "esd", "method": "esd-u-1"}],
+                   "attacks": [{"data": "hrm-m", "steps": 10},
+                               {"data": "clean", "steps": 10, "lr": 1e-3, "contenders": ["esd", "oracle"]}]}  # fmt: skip
+    cells = expand(grid)
+    by_attack = {(c.attack["data"], c.contender.label) for c in cells}
+    assert by_attack == {("hrm-m", "uce"), ("hrm-m", "esd"), ("hrm-m", "oracle"), ("clean", "esd"), ("clean", "oracle")}
+    # The restricted entry's cells are the same cells an unrestricted preset has.
+    everyone = expand(grid | {"attacks": [grid["attacks"][1] | {"contenders": ["uce", "esd", "oracle"]}]})
+    assert {c.key for c in cells if c.attack["data"] == "clean"} < {c.key for c in everyone}
+    with pytest.raises(UnrelearnError, match="unknown contender.*sdd"):
+        expand(grid | {"attacks": [{"steps": 10, "contenders": ["sdd"]}]})
+
+
 def test_a_cell_key_names_what_changes_its_result_not_its_label():
     relabelled = TINY | {"contenders": [{"label": "renamed", "method": "uce"}]}
     assert {c.key for c in expand(TINY)} == {c.key for c in expand(relabelled)}

@@ -11,7 +11,8 @@ the model as is, the exact-unlearning oracle), the attacks and the seeds::
      "seeds": [0], "eval": {"samples": 64, "seed": 0}}
 
 Every field of an attack entry is an :class:`~unrelearn.attacks.AttackConfig` field (or
-``eval_at``); a list value (a list of lists for ``lora_targets``) spans that axis, and the
+``eval_at``, or ``contenders``: the labels it attacks, all by default; the oracle's label is
+``oracle``); a list value (a list of lists for ``lora_targets``) spans that axis, and the
 entry expands to the product of its axes, times the seeds. The built-in presets are the JSON
 files in ``unrelearn/bench/presets``; ``--preset`` also takes a path to one's own.
 
@@ -177,8 +178,15 @@ def expand(preset: dict[str, Any], oracles: dict[str, str] | None = None) -> lis
         oracle = (oracles or {}).get(concept) or (preset["oracle"].format(concept=concept) if preset.get("oracle") else None)
         if oracle is not None and _model_exists(oracle):
             contenders.append(Contender("oracle", oracle, oracle=True))
+        # "oracle" is always a valid name: a concept without a shipped oracle simply has no such cell.
+        labels = [c.label for c in contenders if not c.oracle] + ["oracle"]
         for entry in preset["attacks"]:
-            _check_keys("an attack entry", entry, attack_fields | {"eval_at"})
+            _check_keys("an attack entry", entry, attack_fields | {"eval_at", "contenders"})
+            entry = dict(entry)
+            targets = entry.pop("contenders", labels)
+            if unknown := sorted(set(targets) - set(labels)):
+                raise UnrelearnError(f"an attack entry names unknown contender(s) {', '.join(unknown)}; "
+                                     f"the preset's labels: {', '.join(labels)}")  # fmt: skip
             for combination in _axes(entry):
                 eval_at = tuple(sorted(set(combination.pop("eval_at", [0, combination.get("steps", 300)]))))
                 for seed in preset.get("seeds", [0]):
@@ -187,7 +195,7 @@ def expand(preset: dict[str, Any], oracles: dict[str, str] | None = None) -> lis
                     attack.pop("checkpoint_every")
                     if eval_at[-1] > attack["steps"] or eval_at[0] < 0:
                         raise UnrelearnError(f"eval_at {list(eval_at)} must lie within 0..{attack['steps']} (the attack's steps)")
-                    cells.extend(Cell(concept, c, attack, eval_at, evaluation) for c in contenders)
+                    cells.extend(Cell(concept, c, attack, eval_at, evaluation) for c in contenders if c.label in targets)
     unique = {cell.key: cell for cell in cells}
     return sorted(unique.values(), key=lambda c: c.key)
 
