@@ -331,3 +331,4 @@ def test_dimra_table_rows_by_hand(tmp_path):
     assert (rows["oracle"]["method"], rows["oracle"]["unlearn_steps"]) == ("oracle", None)
     assert "| seven | dimum-250 | 250 | 12.0 | 0.000 [0.000, 0.100] | 0.900 [0.800, 1.000] | 0.200 [0.100, 0.300] (100) |" in table.markdown
     assert len(table.curves) == 3 and all(set(c[1]) <= set(rows) for c in table.curves.values())
+

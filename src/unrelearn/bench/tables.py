@@ -163,3 +163,91 @@ def dimra_table(cells: list[CellResult], made: str) -> TableOutput:
         lines.append("| " + " | ".join(cells_md) + " |")
     lines += ["", "Curves: " + ", ".join(f"[{name}]({name})" for name in sorted(curves)), ""]
     return TableOutput(rows, "\n".join(lines), curves)
+
+
+def _method_and_variant(cell: CellResult) -> tuple[str, str]:
+    """Table 1's row names: ``meta:esd-u-1`` is esd-u-1's "meta" variant, ``resalign:uce`` UCE's
+    "resalign" variant; a method on its own is its "unlearn" variant, the oracle its own row."""
+    if cell.spec.get("oracle"):
+        return "oracle", "oracle"
+    method = cell.spec["contender"]["method"]
+    if method is None:
+        return "original", "original"
+    defence, _, base = method.partition(":")
+    return (base, defence) if base else (method, "unlearn")
+
+
+# Table 1's columns: the attacks in the paper's order, then any others the store holds.
+_TABLE1_ATTACKS = ("hrm-s", "hrm-m", "clean")
+
+
+@register_table("table1")
+def table1(cells: list[CellResult], made: str) -> TableOutput:
+    """The Meta-Unlearning paper's Table 1: per concept and attack learning rate, one row per
+    method and variant (plain, meta, resalign, the oracle), the forget rate before fine-tuning
+    with retain alignment and FID, then the forget rate after each attack at each evaluated step.
+    Rows of the JSON are cells ``{concept, method, variant, attack, lr, step, forget_rate,
+    forget_rate_ci, retain_alignment, ...}``; the step-0 cell of each model carries its quality."""
+    selected = [c for c in cells if c.spec["attack"]["mode"] == "full" and c.spec["attack"]["optimizer"] == "adam"]
+    if not selected:
+        raise UnrelearnError("the store holds no full fine-tuning Adam attack, the protocol of Table 1")
+    if len(seeds := sorted({c.seed for c in selected})) > 1:
+        raise UnrelearnError(f"Table 1 is one attack per setting, the store holds seeds {seeds}; "
+                             "use the bench report for the mean over seeds")  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    by_table: dict[tuple[str, float, int], dict[tuple[str, str], CellResult]] = defaultdict(dict)
+    for cell in selected:
+        method, variant = _method_and_variant(cell)
+        attack = cell.spec["attack"]
+        by_table[(cell.concept, attack["lr"], attack["steps"])][(cell.spec["label"], attack["data"])] = cell
+        for point in cell.points:
+            row = {
+                "concept": cell.concept, "method": method, "variant": variant, "label": cell.spec["label"],
+                "options": cell.spec["contender"]["options"], "attack": attack["data"], "lr": attack["lr"],
+                "seed": cell.seed, "step": point["step"], "forget_rate": point["forget_rate"],
+                "forget_rate_ci": point["forget_rate_ci"], "retain_alignment": point["retain_alignment"],
+                "retain_alignment_ci": point.get("retain_alignment_ci"),
+            }  # fmt: skip
+            if point["step"] == 0:
+                row |= {"fid": point.get("fid"), "kid": point.get("kid")}
+            rows.append(row)
+    rows.sort(key=lambda r: (r["concept"], r["lr"], r["label"], r["attack"], r["step"]))
+
+    lines = [
+        "# Table 1 (Meta-Unlearning, ICCV 2025) on the embedded world", "",
+        ("Forget rate: share of 128 generations from the concept's prompts that the world's detector "
+         "flags, with its 95% bootstrap interval; before fine-tuning also the retain alignment and FID. "
+         "Attacks: full fine-tuning with Adam at the stated lr, batch and data of the embedded world."), "",
+        made, "",
+    ]  # fmt: skip
+    curves: dict[str, tuple[str, dict[str, list[dict[str, Any]]]]] = {}
+    for (concept, lr, length), table in sorted(by_table.items()):
+        attacks = sorted({data for _, data in table}, key=lambda d: (_TABLE1_ATTACKS + (d,)).index(d))
+        steps = sorted({p["step"] for c in table.values() for p in c.points if p["step"] > 0})
+        header = ["method", "variant", "before: forget rate / alignment / FID"] + [f"{a} {s}" for a in attacks for s in steps]
+        lines += [f"## {concept}, attack lr {lr:g}, {length} steps", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        labels = sorted({label for label, _ in table}, key=lambda label: _table1_order(table, label))
+        for label in labels:
+            mine = {data: c for (lab, data), c in table.items() if lab == label}
+            first = next(iter(mine.values()))
+            method, variant = _method_and_variant(first)
+            start = next(p for p in first.points if p["step"] == 0)
+            fid = "n/a" if start.get("fid") is None else f"{start['fid']:.0f}"
+            entries = [method, variant, f"{_rate(start['forget_rate'], start['forget_rate_ci'])} / {start['retain_alignment']:.3f} / {fid}"]
+            for data in attacks:
+                points = {p["step"]: p for p in mine[data].points} if data in mine else {}
+                entries += [_rate(points[s]["forget_rate"], points[s]["forget_rate_ci"]) if s in points else "-" for s in steps]
+            lines.append("| " + " | ".join(entries) + " |")
+            for data, cell in mine.items():
+                name = f"table1-{concept}-{data}-lr{lr:g}-{length}.png"
+                curves.setdefault(name, (f"{concept}: forget rate during {data}, lr {lr:g}", {}))[1][label] = cell.points
+        lines.append("")
+    lines += ["Curves: " + ", ".join(f"[{name}]({name})" for name in sorted(curves)), ""]
+    return TableOutput(rows, "\n".join(lines), curves)
+
+
+def _table1_order(table: dict[tuple[str, str], CellResult], label: str) -> tuple:
+    """Each method's plain row, then its defended rows; the oracle last."""
+    cell = next(c for (lab, _), c in table.items() if lab == label)
+    method, variant = _method_and_variant(cell)
+    return (method == "oracle", method, variant != "unlearn", variant)

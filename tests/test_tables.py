@@ -1,0 +1,67 @@
+"""Paper-shaped tables drawn from the results store, checked against rows written by hand."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from unrelearn.bench.store import CellResult
+from unrelearn.errors import UnrelearnError
+
+
+def _point(step, rate, fid=None):
+    return {"step": step, "forget_rate": rate, "forget_rate_ci": [round(max(0.0, rate - 0.1), 6), round(rate + 0.1, 6)],
+            "retain_alignment": 0.9, "retain_alignment_ci": [0.8, 1.0], "fid": fid, "kid": None}  # fmt: skip
+
+
+def _cell(label, method, options, data, lr, points, oracle=False):
+    attack = {"data": data, "lr": lr, "mode": "full", "optimizer": "adam", "steps": points[-1]["step"], "seed": 0}
+    spec = {"contender": {"model": "builtin:shapes", "method": method, "options": options, "concept": "circle"},
+            "attack": attack, "label": label, "oracle": oracle}  # fmt: skip
+    return CellResult(f"{label}-{data}-{lr}", "circle", label, f"{data} lr={lr:g}", 0, spec, {}, points, 1.0, "h")
+
+
+def test_table1_rows_and_markdown_by_hand():
+    from unrelearn.bench.tables import table1
+
+    def cell(label, method, data, lr, rates, oracle=False, concept="circle"):
+        points = [_point(step, rate, fid=300.0 if step == 0 else None) for step, rate in zip((0, 50, 100), rates)]
+        made = _cell(label, method, {"gamma2": 0.05} if method and method.startswith("meta") else {}, data, lr, points, oracle)
+        return replace(made, concept=concept, key=f"{concept}-{made.key}")
+
+    cells = [
+        cell("esd-u-1", "esd-u-1", "hrm-m", 1e-5, (0.2, 0.5, 0.6)),
+        cell("esd-u-1", "esd-u-1", "clean", 1e-5, (0.2, 0.3, 0.4)),
+        cell("meta:esd-u-1", "meta:esd-u-1", "hrm-m", 1e-5, (0.1, 0.3, 0.35)),
+        cell("resalign:uce", "resalign:uce", "hrm-m", 1e-5, (0.0, 0.1, 0.2)),
+        cell("resalign", "resalign", "hrm-m", 1e-5, (0.3, 0.4, 0.5)),
+        cell("oracle", None, "hrm-m", 1e-5, (0.0, 0.01, 0.02), oracle=True),
+        cell("esd-u-1", "esd-u-1", "hrm-m", 1e-4, (0.2, 0.9, 1.0)),
+        cell("esd-u-1", "esd-u-1", "hrm-s", 1e-5, (0.2, 0.25, 0.3), concept="striped"),
+    ]
+    table = table1(cells, "made by hand")
+    names = {(r["label"], r["method"], r["variant"]) for r in table.rows}
+    assert names == {("esd-u-1", "esd-u-1", "unlearn"), ("meta:esd-u-1", "esd-u-1", "meta"), ("resalign:uce", "uce", "resalign"),
+                     ("resalign", "resalign", "unlearn"), ("oracle", "oracle", "oracle")}  # fmt: skip
+    # One JSON row per evaluated step, in the issue's shape; quality on the step-0 row only.
+    assert len(table.rows) == 3 * len(cells)
+    meta = {(r["attack"], r["step"]): r for r in table.rows if r["variant"] == "meta"}
+    assert meta[("hrm-m", 100)]["forget_rate"] == 0.35 and meta[("hrm-m", 100)]["forget_rate_ci"] == [0.25, 0.45]
+    assert meta[("hrm-m", 0)]["fid"] == 300.0 and "fid" not in meta[("hrm-m", 50)]
+    assert meta[("hrm-m", 0)]["lr"] == 1e-5 and meta[("hrm-m", 0)]["options"] == {"gamma2": 0.05}
+    # One Markdown table per concept, lr and length; columns: attacks in the paper's order by step.
+    md = table.markdown
+    assert md.count("## ") == 3 and "## circle, attack lr 0.0001, 100 steps" in md and "## striped, attack lr 1e-05, 100 steps" in md
+    circle = md.split("## circle, attack lr 1e-05")[1].split("## ")[0]
+    assert "| method | variant | before: forget rate / alignment / FID | hrm-m 50 | hrm-m 100 | clean 50 | clean 100 |" in circle
+    assert "| esd-u-1 | unlearn | 0.200 [0.100, 0.300] / 0.900 / 300 | 0.500 [0.400, 0.600] | 0.600 [0.500, 0.700] | 0.300 [0.200, 0.400] | 0.400 [0.300, 0.500] |" in circle
+    assert "| esd-u-1 | meta | 0.100 [0.000, 0.200] / 0.900 / 300 | 0.300 [0.200, 0.400] | 0.350 [0.250, 0.450] | - | - |" in circle
+    # Each method's plain row before its defended ones, the oracle last.
+    order = [line.split(" | ")[:2] for line in circle.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert order == [["| esd-u-1", "unlearn"], ["| esd-u-1", "meta"], ["| resalign", "unlearn"], ["| uce", "resalign"],
+                     ["| oracle", "oracle"]]  # fmt: skip
+    assert set(table.curves) == {"table1-circle-hrm-m-lr1e-05-100.png", "table1-circle-clean-lr1e-05-100.png",
+                                 "table1-circle-hrm-m-lr0.0001-100.png", "table1-striped-hrm-s-lr1e-05-100.png"}  # fmt: skip
+    with pytest.raises(UnrelearnError, match="seeds"):
+        table1(cells + [replace(cells[0], key="seed1", seed=1)], "")
