@@ -276,6 +276,21 @@ def test_the_report_shows_the_stored_numbers_tables_and_images(uninterrupted, tm
         assert (tmp_path / "report" / link).is_file()
 
 
+def test_a_preset_run_as_a_part_of_another_shows_once(uninterrupted, tmp_path):
+    import shutil
+
+    _, original = uninterrupted
+    folder = tmp_path / "bench"
+    shutil.copytree(original, folder)
+    store = ResultStore(folder / "results.sqlite")
+    (name, entry), = store.meta_items("preset:")
+    part = entry | {"cells": entry["cells"][:1], "preset": entry["preset"] | {"description": "the urgent part"}}
+    store.set_meta("preset:part", part)
+    store.close()
+    markdown = write_report(folder, tmp_path / "report")["markdown"].read_text()
+    assert f"Preset `{name}`" in markdown and "Preset `part`" not in markdown and "the urgent part" not in markdown
+
+
 def test_bench_cli_errors_are_one_line(tmp_path):
     from typer.testing import CliRunner
 

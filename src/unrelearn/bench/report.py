@@ -153,6 +153,11 @@ def build_blocks(store: ResultStore, figures: Path) -> list[Block]:
     presets = [(name, entry) for name, entry in store.meta_items("preset:") if any(k in cells for k in entry["cells"])]
     if not presets:
         raise UnrelearnError(f"{str(store.path)!r} holds no finished cell yet; run `unrelearn bench` first")
+    # A preset whose cells another one holds too (a part run first: a shard of the grid, the most
+    # urgent rows) shows inside the larger one, not twice. A halving search prunes: its own section.
+    grids = {name: set(entry["cells"]) for name, entry in presets if entry.get("halving") is None}
+    presets = [(name, entry) for name, entry in presets
+               if not any(other != name and set(entry["cells"]) < cells_of for other, cells_of in grids.items())]  # fmt: skip
     blocks: list[Block] = [Heading("unrelearn benchmark report", 1), Paragraph(
         "Forget rate: share of generations from prompts naming the concept in which the world's detector sees it, "
         "with its 95% bootstrap interval; a contender is relearned when the rate reaches half the original model's "
