@@ -291,6 +291,23 @@ def test_a_preset_run_as_a_part_of_another_shows_once(uninterrupted, tmp_path):
     assert f"Preset `{name}`" in markdown and "Preset `part`" not in markdown and "the urgent part" not in markdown
 
 
+def test_a_stored_model_unlearned_under_other_defaults_is_refused():
+    from dataclasses import asdict
+
+    from unrelearn.bench.grid import Contender
+    from unrelearn.bench.run import _check_settings
+    from unrelearn.methods.base import resolve_config
+
+    contender = Contender("meta:uce", "builtin:shapes", "meta:uce", {"inner_optimizer": "adam"})
+    now = json.loads(json.dumps(asdict(resolve_config("meta:uce", "shapes", {"inner_optimizer": "adam"}))))
+    assert now["steps"] == 100 and now["inner_optimizer"] == "adam"  # the embedded defaults, then the options
+    _check_settings(contender, "circle", {"config": now}, "models/k")
+    # An option added after the model was unlearned: absent from its record, not a difference.
+    _check_settings(contender, "circle", {"config": {k: v for k, v in now.items() if k != "zeta"}}, "models/k")
+    with pytest.raises(UnrelearnError, match=r"'meta:uce' on 'circle' in 'models/k'.*gamma2 0.3 then, 0.1 now"):
+        _check_settings(contender, "circle", {"config": now | {"gamma2": 0.3}}, "models/k")
+
+
 def test_bench_cli_errors_are_one_line(tmp_path):
     from typer.testing import CliRunner
 

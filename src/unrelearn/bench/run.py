@@ -292,10 +292,12 @@ class _Runner:
         with output_lock(self.out / "models" / f"{key}.entry", wait=True):
             found = self.store.model(key)
             if found is not None:
+                _check_settings(contender, concept, found["record"], found["path"])
                 return Path(found["path"])
             record: dict[str, Any] = {"versions": library_versions()}
             if contender.method and (folder / "run.json").is_file():  # unlearned before a kill, not yet recorded
                 record = json.loads((folder / "run.json").read_text())
+                _check_settings(contender, concept, record, str(folder))
                 model = DiffusionModel.load(folder, device=self.device)
             elif contender.method:
                 stage(f"unlearning {concept!r} with {contender.method} ({contender.label})", self.progress)
@@ -309,6 +311,28 @@ class _Runner:
             self.store.add_model(key, concept, contender.label, contender.identity(concept) | {"oracle": contender.oracle},
                                  str(folder), record)  # fmt: skip
             return folder
+
+
+def _check_settings(contender: Contender, concept: str, record: dict[str, Any], path: str) -> None:
+    """A model belongs to its settings. Its key names only the options a preset gives, so a change
+    of a method's defaults since it was unlearned would otherwise reuse it silently."""
+    from unrelearn.assets import model_path
+    from unrelearn.methods.base import resolve_config
+    from unrelearn.model import read_model_index
+
+    stored = record.get("config")
+    if contender.method is None or stored is None:
+        return
+    _, info = read_model_index(model_path(contender.model))
+    now = json.loads(json.dumps(asdict(resolve_config(contender.method, info.get("world") or "prompts", contender.options)),
+                                default=str))  # fmt: skip
+    # Options added since it ran are absent from its record: their defaults keep its result.
+    changed = sorted(name for name in stored.keys() & now.keys() if stored[name] != now[name])
+    if changed:
+        differences = ", ".join(f"{name} {stored[name]!r} then, {now[name]!r} now" for name in changed)
+        raise UnrelearnError(f"the model of {contender.label!r} on {concept!r} in {path!r} was unlearned with other "
+                             f"settings than this code's defaults give ({differences}); give the old values in the "
+                             f"contender's options, or remove the folder and its row (a new DIR) to unlearn again")  # fmt: skip
 
 
 def _hardware(device: Any) -> str:

@@ -299,6 +299,15 @@ def build_config(cls: type[Method], world: str | None, overrides: dict[str, Any]
     return cls.Config(**values)
 
 
+def resolve_config(method: str, world_name: str, overrides: dict[str, Any]) -> Any:
+    """The config ``unlearn`` runs ``method`` with on a model of ``world_name``: embedded defaults
+    belong to a world with ground truth (the toy scale); a prompt world (Stable Diffusion) runs
+    the paper's defaults."""
+    cls, variant = resolve_method(method)
+    world = get_world(world_name)
+    return build_config(cls, world.name if world.ground_truth else None, variant | dict(overrides))
+
+
 def check_method_options(cls: type[Method], overrides: dict[str, Any]) -> dict[str, Any]:
     """Type- and range-check user options before anything is loaded (the CLI calls this first)."""
     if cls.closed_form and "steps" in overrides:
@@ -322,12 +331,10 @@ def unlearn(
     from them; a checkpoint of other settings (or of another source model) is refused.
     """
     overrides = dict(overrides or {})
-    cls, variant = resolve_method(method)
+    cls, _ = resolve_method(method)
     world = get_world(world_name or model.world)
     sets = world.concept_sets(concept)
-    # Embedded defaults belong to a world with ground truth (the toy scale); a prompt world
-    # (Stable Diffusion) runs the paper's defaults.
-    config = build_config(cls, world.name if world.ground_truth else None, variant | overrides)
+    config = resolve_config(method, world.name, overrides)
     if out is not None:
         out = Path(out)
         ensure_writable_parent(out)
