@@ -1,7 +1,11 @@
-"""The Meta-Unlearning paper's Table 1 on the embedded world: each method plain and defended
-(``--defence meta`` or ``resalign``; ``--methods resalign --no-defended`` for ResAlign's own row), then
+"""Tuning runs of the defences under the Meta-Unlearning paper's Table 1 protocol: each method
+plain and defended with settings of one's own (``--defence meta`` or ``resalign``, ``--meta-option``,
+``--meta-tag`` to name the setting; ``--methods resalign --no-defended`` for ResAlign's own row), then
 malicious (HRM-s, HRM-m) and benign (CLEAN) fine-tuning, forget rate with its 95% interval at
-each evaluated step, retain alignment and FID before fine-tuning.
+each evaluated step, retain alignment and FID before fine-tuning. Every setting tried is kept in
+``docs/defences/meta_tuning_cells.{json,md}`` (the record ``meta_tuning.md`` and
+``resalign_tuning.md`` discuss). The table itself is drawn from the benchmark's store:
+``unrelearn bench --preset table1 --out DIR`` then ``unrelearn table table1 DIR --out STEM``.
 
 Every model and attack is cached under ``--work`` (attacks resume from their checkpoints), and
 every finished cell is merged into ``OUT.json`` at once, so the table can be built in parts and
@@ -56,7 +60,7 @@ def main() -> None:
     parser.add_argument("--meta-option", action="append", default=[], help="key=value for every defended run")
     parser.add_argument("--meta-tag", default="", help="names this defence setting (folders, rows), to compare several")
     parser.add_argument("--work", type=Path, default=Path("runs/meta_table1"))
-    parser.add_argument("--out", type=Path, default=Path("docs/defences/meta_table1"))
+    parser.add_argument("--out", type=Path, default=Path("docs/defences/meta_tuning_cells"))
     args = parser.parse_args()
 
     command = "python benchmarks/meta_table1.py " + " ".join(sys.argv[1:])
