@@ -43,7 +43,7 @@ def test_evaluation_is_deterministic(base):
 
 def test_base_model_generates_what_it_is_asked_for(base):
     # The shipped model measures forget rate 1.0 and alignment 0.91 on these 32 samples (0.98
-    # and 0.92 on 128, README); the floors leave room for other CPUs' rounding, far above chance
+    # and 0.92 on 128, docs/results.md); the floors leave room for other CPUs' rounding, far above chance
     # (1/6 for a shape, 1/90 for shape + colour + texture).
     metrics = evaluate(base, "circle", EvalConfig(samples=32, seed=0), progress=False).metrics
     assert metrics["protocol"]["guidance"] == base.guidance == 1.5
@@ -55,7 +55,7 @@ def test_base_model_generates_what_it_is_asked_for(base):
 
 def test_digits_model_writes_the_digit_it_is_asked_for():
     # The shipped digits model measures AR 0.97 and alignment 0.98 for seven on 128 samples
-    # (README); the floors leave room for other CPUs' rounding, far above chance (1/10).
+    # (docs/results.md); the floors leave room for other CPUs' rounding, far above chance (1/10).
     digits = load_model("builtin:digits")
     assert digits.world == "digits" and digits.guidance == 1.5
     metrics = evaluate(digits, "seven", EvalConfig(samples=32, seed=0), progress=False).metrics
