@@ -13,6 +13,10 @@ Ablations (``--models``), the paper's Table: ``resalign-no-hypergradient`` (beta
 ``resalign-fixed`` (one configuration: Adam, lr 1e-4, 10 steps, full, harmful data),
 ``resalign-data`` (that configuration over harmful, benign and mixed data); ``resalign`` varies
 everything.
+
+The same protocol runs through the benchmark's store (circle and striped, shared models,
+shards, the report): ``unrelearn bench --preset resalign --out DIR``, then ``unrelearn table
+resalign DIR --out docs/defences/resalign``; this script made the cells computed before.
 """
 
 from __future__ import annotations

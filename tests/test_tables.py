@@ -15,11 +15,11 @@ def _point(step, rate, fid=None):
             "retain_alignment": 0.9, "retain_alignment_ci": [0.8, 1.0], "fid": fid, "kid": None}  # fmt: skip
 
 
-def _cell(label, method, options, data, lr, points, oracle=False):
-    attack = {"data": data, "lr": lr, "mode": "full", "optimizer": "adam", "steps": points[-1]["step"], "seed": 0}
+def _cell(label, method, options, data, lr, points, oracle=False, mode="full"):
+    attack = {"data": data, "lr": lr, "mode": mode, "optimizer": "adam", "steps": points[-1]["step"], "seed": 0}
     spec = {"contender": {"model": "builtin:shapes", "method": method, "options": options, "concept": "circle"},
             "attack": attack, "label": label, "oracle": oracle}  # fmt: skip
-    return CellResult(f"{label}-{data}-{lr}", "circle", label, f"{data} lr={lr:g}", 0, spec, {}, points, 1.0, "h")
+    return CellResult(f"{label}-{data}-{lr}-{mode}", "circle", label, f"{data} lr={lr:g}", 0, spec, {}, points, 1.0, "h")
 
 
 def test_table1_rows_and_markdown_by_hand():
@@ -65,3 +65,31 @@ def test_table1_rows_and_markdown_by_hand():
                                  "table1-circle-hrm-m-lr0.0001-100.png", "table1-striped-hrm-s-lr1e-05-100.png"}  # fmt: skip
     with pytest.raises(UnrelearnError, match="seeds"):
         table1(cells + [replace(cells[0], key="seed1", seed=1)], "")
+
+
+def test_resalign_table_rows_and_markdown_by_hand():
+    from unrelearn.bench.tables import resalign_table
+
+    def cell(label, method, data, mode, lr, rates, options=None, oracle=False):
+        points = [_point(step, rate) for step, rate in zip((0, 100, 200), rates)]
+        return _cell(label, method, options or {}, data, lr, points, oracle, mode)
+
+    cells = [
+        cell("esd-u-1", "esd-u-1", "dimra-aux", "full", 1e-5, (0.2, 0.4, 0.55)),
+        cell("esd-u-1", "esd-u-1", "hrm-m", "lora", 1e-4, (0.2, 0.3, 0.5)),
+        cell("resalign-no-hypergradient", "resalign", "dimra-aux", "full", 1e-5, (0.6, 0.6, 0.65), {"beta": 0.0}),
+        cell("oracle", None, "dimra-aux", "full", 1e-5, (0.04, 0.05, 0.04), oracle=True),
+    ]
+    table = resalign_table(cells, "made by hand")
+    assert len(table.rows) == 3 * len(cells)
+    row = next(r for r in table.rows if r["model"] == "resalign-no-hypergradient" and r["step"] == 200)
+    assert (row["attack"], row["mode"], row["lr"], row["forget_rate"], row["forget_rate_ci"]) == ("dimra-aux", "full", 1e-5, 0.65, [0.55, 0.75])
+    assert (row["method"], row["options"]) == ("resalign", {"beta": 0.0})
+    md = table.markdown
+    assert "| model | before | dimra-aux full lr 1e-05, 200 steps | hrm-m lora lr 0.0001, 200 steps |" in md
+    assert "| esd-u-1 | 0.200 [0.100, 0.300] (0.900) | 0.550 [0.450, 0.650] (0.900) | 0.500 [0.400, 0.600] (0.900) |" in md
+    assert "| oracle | 0.040 [0.000, 0.140] (0.900) | 0.040 [0.000, 0.140] (0.900) | - |" in md
+    # ESD-u-1 first, the oracle last.
+    order = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert order == ["| esd-u-1", "| resalign-no-hypergradient", "| oracle"]
+    assert set(table.curves) == {"resalign-circle-dimra-aux-full-lr1e-05.png", "resalign-circle-hrm-m-lora-lr0.0001.png"}

@@ -251,3 +251,56 @@ def _table1_order(table: dict[tuple[str, str], CellResult], label: str) -> tuple
     cell = next(c for (lab, _), c in table.items() if lab == label)
     method, variant = _method_and_variant(cell)
     return (method == "oracle", method, variant != "unlearn", variant)
+
+
+@register_table("resalign")
+def resalign_table(cells: list[CellResult], made: str) -> TableOutput:
+    """ResAlign's own protocol: per concept, each model (a contender: ESD-u-1, ResAlign, its
+    ablations, the oracle) before and after benign (``clean``, ``dimra-aux``) and malicious
+    (``hrm-m``) fine-tuning, full and LoRA. Rows of the JSON are cells ``{concept, model, attack,
+    mode, lr, step, forget_rate, forget_rate_ci, retain_alignment}``."""
+    if len(seeds := sorted({c.seed for c in cells})) > 1:
+        raise UnrelearnError(f"the ResAlign table is one attack per setting, the store holds seeds {seeds}; "
+                             "use the bench report for the mean over seeds")  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    by_concept: dict[str, dict[tuple[str, tuple], CellResult]] = defaultdict(dict)
+    for cell in cells:
+        attack = cell.spec["attack"]
+        setting = (attack["data"], attack["mode"], attack["lr"], attack["steps"])
+        by_concept[cell.concept][(cell.spec["label"], setting)] = cell
+        for point in cell.points:
+            rows.append({
+                "concept": cell.concept, "model": "oracle" if cell.spec.get("oracle") else cell.spec["label"],
+                "method": cell.spec["contender"]["method"], "options": cell.spec["contender"]["options"],
+                "attack": attack["data"], "mode": attack["mode"], "lr": attack["lr"], "steps": attack["steps"],
+                "step": point["step"], "forget_rate": point["forget_rate"], "forget_rate_ci": point["forget_rate_ci"],
+                "retain_alignment": point["retain_alignment"], "retain_alignment_ci": point.get("retain_alignment_ci"),
+            })  # fmt: skip
+    rows.sort(key=lambda r: (r["concept"], r["model"], r["attack"], r["mode"], r["lr"], r["step"]))
+    lines = [
+        "# ResAlign's protocol on the embedded world", "",
+        ("Forget rate (share of generations from the concept's prompts the detector flags) before any "
+         "fine-tuning and at the attack's last evaluated step, 95% bootstrap intervals; retain alignment "
+         "in parentheses. Benign attacks: `clean` (retain-like pairs), `dimra-aux` (fresh pairs without "
+         "the concept); malicious: `hrm-m`."), "", made, "",
+    ]  # fmt: skip
+    curves: dict[str, tuple[str, dict[str, list[dict[str, Any]]]]] = {}
+    for concept, table in sorted(by_concept.items()):
+        settings = sorted({s for _, s in table}, key=lambda s: (s[1], ("clean", "dimra-aux", "hrm-m", s[0]).index(s[0]), s[2], s[3]))
+        header = ["model", "before"] + [f"{data} {mode} lr {lr:g}, {steps} steps" for data, mode, lr, steps in settings]
+        lines += [f"## {concept}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        labels = sorted({label for label, _ in table}, key=lambda label: (label == "oracle", label != "esd-u-1", label))
+        for label in labels:
+            mine = {s: c for (lab, s), c in table.items() if lab == label}
+            start = next(p for p in next(iter(mine.values())).points if p["step"] == 0)
+            entries = [label, f"{_rate(start['forget_rate'], start['forget_rate_ci'])} ({start['retain_alignment']:.3f})"]
+            for setting in settings:
+                last = mine[setting].points[-1] if setting in mine else None
+                entries.append("-" if last is None else f"{_rate(last['forget_rate'], last['forget_rate_ci'])} ({last['retain_alignment']:.3f})")
+            lines.append("| " + " | ".join(entries) + " |")
+            for (data, mode, lr, steps), cell in mine.items():
+                name = f"resalign-{concept}-{data}-{mode}-lr{lr:g}.png"
+                curves.setdefault(name, (f"{concept}: forget rate during {data} ({mode}, lr {lr:g})", {}))[1][label] = cell.points
+        lines.append("")
+    lines += ["Curves: " + ", ".join(f"[{name}]({name})" for name in sorted(curves)), ""]
+    return TableOutput(rows, "\n".join(lines), curves)
