@@ -276,6 +276,26 @@ def test_the_report_shows_the_stored_numbers_tables_and_images(uninterrupted, tm
         assert (tmp_path / "report" / link).is_file()
 
 
+def test_only_runs_the_named_contenders_first_and_records_the_whole_preset(uninterrupted, tmp_path):
+    preset, straight = uninterrupted
+    out = tmp_path / "parts"
+    first = subprocess.run(bench_command(preset, out, "--only", "oracle", "--shard", "1/1"), env=ENV, capture_output=True,
+                           text=True, check=False)  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    assert "4 cells: 0 finished before, 2 computed now" in first.stdout
+    expected = rows(straight)
+    assert {k: v for k, v in expected.items() if v[0]["oracle"]} == rows(out)
+    store = ResultStore(out / "results.sqlite")
+    (_, entry), = store.meta_items("preset:")
+    store.close()
+    # The recorded command makes the whole preset: the part one process ran is not a result.
+    assert len(entry["cells"]) == 4 and "--only" not in entry["command"] and "--shard" not in entry["command"]
+    rest = subprocess.run(bench_command(preset, out), env=ENV, capture_output=True, text=True, check=False)
+    assert "4 cells: 2 finished before, 2 computed now" in rest.stdout and rows(out) == expected
+    wrong = subprocess.run(bench_command(preset, out, "--only", "esd"), env=ENV, capture_output=True, text=True, check=False)
+    assert wrong.returncode == 2 and "--only names contender(s) esd" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
 def test_a_preset_run_as_a_part_of_another_shows_once(uninterrupted, tmp_path):
     import shutil
 

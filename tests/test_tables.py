@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -12,7 +13,8 @@ from unrelearn.errors import UnrelearnError
 
 def _point(step, rate, fid=None):
     return {"step": step, "forget_rate": rate, "forget_rate_ci": [round(max(0.0, rate - 0.1), 6), round(rate + 0.1, 6)],
-            "retain_alignment": 0.9, "retain_alignment_ci": [0.8, 1.0], "fid": fid, "kid": None}  # fmt: skip
+            "retain_alignment": 0.9, "retain_alignment_ci": [0.8, 1.0], "precision": None, "precision_ci": None,
+            "fid": fid, "kid": None, "kid_std": None}  # fmt: skip
 
 
 def _cell(label, method, options, data, lr, points, oracle=False, mode="full"):
@@ -93,3 +95,22 @@ def test_resalign_table_rows_and_markdown_by_hand():
     order = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert order == ["| esd-u-1", "| resalign-no-hypergradient", "| oracle"]
     assert set(table.curves) == {"resalign-circle-dimra-aux-full-lr1e-05.png", "resalign-circle-hrm-m-lora-lr0.0001.png"}
+
+
+def test_write_table_names_the_command_of_the_whole_preset(tmp_path):
+    from unrelearn.bench.store import ResultStore
+    from unrelearn.bench.tables import write_table
+
+    cells = [_cell("esd-u-1", "esd-u-1", {}, data, 1e-5, [_point(0, 0.2, fid=300.0), _point(100, 0.5)]) for data in ("hrm-m", "clean")]
+    store = ResultStore(tmp_path / "results.sqlite")
+    for cell in cells:
+        store.add_cell(cell)
+    keys = [c.key for c in cells]
+    store.set_meta("preset:table1", {"cells": keys + ["not-run-yet"], "command": "unrelearn bench --preset table1 --out DIR"})
+    store.set_meta("preset:urgent", {"cells": keys[:1], "command": "unrelearn bench --preset urgent.json --out DIR"})
+    store.close()
+    written = write_table("table1", tmp_path, tmp_path / "docs" / "meta_table1")
+    markdown = written["markdown"].read_text()
+    assert "`unrelearn bench --preset table1 --out DIR`" in markdown and "urgent" not in markdown
+    assert written["rows"] == 4 and len(json.loads(written["json"].read_text())) == 4
+    assert all(figure.is_file() for figure in written["figures"])

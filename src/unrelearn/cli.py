@@ -471,6 +471,20 @@ def concepts(
     typer.echo(f"related concepts: {', '.join(sets.related_concepts) or 'none named'}; alternative: {sets.alternative or 'none'}")
 
 
+def _without_scheduling(arguments: list[str]) -> list[str]:
+    """The command that makes the whole preset: --shard and --only say which part of it one
+    process runs, not what the results are."""
+    kept, skip = [], False
+    for argument in arguments:
+        if skip:
+            skip = False
+        elif argument in ("--shard", "--only"):
+            skip = True
+        elif not argument.startswith(("--shard=", "--only=")):
+            kept.append(argument)
+    return kept
+
+
 @app.command()
 @_friendly
 def bench(
@@ -484,6 +498,8 @@ def bench(
     halving: int | None = typer.Option(None, help="ETA: search the worst case by successive halving: at each evaluated step "
                                        "only the 1/ETA strongest attack settings (per concept and contender) and those "
                                        "not clearly weaker continue"),
+    only: str | None = typer.Option(None, help="LABEL,...: run only these contenders' cells now (the urgent rows first); "
+                                    "the preset is recorded whole, run again without --only for the rest"),
     device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Run a grid of unlearning methods and defences against attacks into OUT (resumable, shardable).
@@ -508,9 +524,10 @@ def bench(
         for line in list_bench(preset, out, oracles, model=model, halving=halving):
             typer.echo(line)
         return
-    command = shlex.join(["unrelearn", *sys.argv[1:]])
+    command = shlex.join(["unrelearn", *_without_scheduling(sys.argv[1:])])
+    labels = [label.strip() for label in only.split(",") if label.strip()] if only is not None else None
     summary = run_bench(preset, out, shard, oracles, device=_device(device), keep_models=keep_models, command=command, model=model,
-                        halving=halving)  # fmt: skip
+                        halving=halving, only=labels)  # fmt: skip
     typer.echo(describe(summary))
 
 

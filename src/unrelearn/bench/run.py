@@ -86,11 +86,13 @@ def run_bench(
     command: str | None = None,
     model: str | None = None,
     halving: int | None = None,
+    only: list[str] | None = None,
 ) -> BenchSummary:
     """Run the cells of ``preset_name`` (a preset's name or a preset dict) into ``out``; ``model``
     replaces the preset's model (a preset for Stable Diffusion names none: the user's folder).
     ``halving`` (eta): search the worst case by successive halving instead of running every
-    cell to its end (:mod:`unrelearn.bench.search`)."""
+    cell to its end (:mod:`unrelearn.bench.search`). ``only``: this run computes the cells of
+    these contender labels; the preset is recorded whole."""
     out = Path(out)
     ensure_writable_parent(out)
     index, count = parse_shard(shard_text)
@@ -98,8 +100,16 @@ def run_bench(
     if model is not None:
         preset = preset | {"model": model}
     cells = expand(preset, oracles)
-    search = Halving(cells, halving) if halving is not None else None
-    mine = shard(cells, index, count)
+    selected = cells
+    if only is not None:
+        labels = {c.contender.label for c in cells}
+        if unknown := sorted(set(only) - labels):
+            raise UnrelearnError(f"--only names contender(s) {', '.join(unknown)} the preset does not have; "
+                                 f"its labels: {', '.join(sorted(labels))}")  # fmt: skip
+        selected = [c for c in cells if c.contender.label in only]
+    # A search over the selected contenders only: it would otherwise wait for the others' rungs.
+    search = Halving(selected, halving) if halving is not None else None
+    mine = shard(selected, index, count)
     out.mkdir(parents=True, exist_ok=True)
     store = ResultStore(out / "results.sqlite")
     try:

@@ -56,7 +56,11 @@ def write_table(name: str, folder: str | Path, out: str | Path) -> dict[str, Any
     store = ResultStore(database)
     try:
         cells = store.cells()
-        commands = sorted({entry.get("command") or f"unrelearn bench --preset {p} --out DIR" for p, entry in store.meta_items("preset:")})
+        presets = dict(store.meta_items("preset:"))
+        # A preset run as a part of a larger one (the same cells) is made by the larger one's command.
+        whole = [p for p, entry in presets.items()
+                 if not any(o != p and set(entry["cells"]) < set(other["cells"]) for o, other in presets.items())]  # fmt: skip
+        commands = sorted({presets[p].get("command") or f"unrelearn bench --preset {p} --out DIR" for p in whole})
     finally:
         store.close()
     if not cells:
