@@ -41,19 +41,22 @@ def test_table1_rows_and_markdown_by_hand():
         cell("oracle", None, "hrm-m", 1e-5, (0.0, 0.01, 0.02), oracle=True),
         cell("esd-u-1", "esd-u-1", "hrm-m", 1e-4, (0.2, 0.9, 1.0)),
         cell("esd-u-1", "esd-u-1", "hrm-s", 1e-5, (0.2, 0.25, 0.3), concept="striped"),
+        cell("meta:esd-u-1 gamma2 0.5", "meta:esd-u-1", "hrm-s", 1e-5, (0.1, 0.2, 0.3), concept="striped"),
     ]
     table = table1(cells, "made by hand")
     names = {(r["label"], r["method"], r["variant"]) for r in table.rows}
     assert names == {("esd-u-1", "esd-u-1", "unlearn"), ("meta:esd-u-1", "esd-u-1", "meta"), ("resalign:uce", "uce", "resalign"),
-                     ("resalign", "resalign", "unlearn"), ("oracle", "oracle", "oracle")}  # fmt: skip
+                     ("resalign", "resalign", "unlearn"), ("oracle", "oracle", "oracle"),
+                     ("meta:esd-u-1 gamma2 0.5", "esd-u-1", "meta")}  # fmt: skip
     # One JSON row per evaluated step, in the shape; quality on the step-0 row only.
     assert len(table.rows) == 3 * len(cells)
-    meta = {(r["attack"], r["step"]): r for r in table.rows if r["variant"] == "meta"}
+    meta = {(r["attack"], r["step"]): r for r in table.rows if r["label"] == "meta:esd-u-1"}
     assert meta[("hrm-m", 100)]["forget_rate"] == 0.35 and meta[("hrm-m", 100)]["forget_rate_ci"] == [0.25, 0.45]
     assert meta[("hrm-m", 0)]["fid"] == 300.0 and "fid" not in meta[("hrm-m", 50)]
     assert meta[("hrm-m", 0)]["lr"] == 1e-5 and meta[("hrm-m", 0)]["options"] == {"gamma2": 0.05}
     # One Markdown table per concept, lr and length; columns: attacks in the paper's order by step.
     md = table.markdown
+    assert "| esd-u-1 | meta (meta:esd-u-1 gamma2 0.5) | 0.100 [0.000, 0.200] / 0.900 / 300 |" in md
     assert md.count("## ") == 3 and "## circle, attack lr 0.0001, 100 steps" in md and "## striped, attack lr 1e-05, 100 steps" in md
     circle = md.split("## circle, attack lr 1e-05")[1].split("## ")[0]
     assert "| method | variant | before: forget rate / alignment / FID | hrm-m 50 | hrm-m 100 | clean 50 | clean 100 |" in circle

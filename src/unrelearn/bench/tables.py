@@ -237,6 +237,9 @@ def table1(cells: list[CellResult], made: str) -> TableOutput:
             method, variant = _method_and_variant(first)
             start = next(p for p in first.points if p["step"] == 0)
             fid = "n/a" if start.get("fid") is None else f"{start['fid']:.0f}"
+            # A setting of one's own (a tuning run) shows its label beside the variant.
+            if label not in (method, f"{variant}:{method}", "oracle"):
+                variant = f"{variant} ({label})"
             entries = [method, variant, f"{_rate(start['forget_rate'], start['forget_rate_ci'])} / {start['retain_alignment']:.3f} / {fid}"]
             for data in attacks:
                 points = {p["step"]: p for p in mine[data].points} if data in mine else {}
