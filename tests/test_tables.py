@@ -37,6 +37,7 @@ def test_table1_rows_and_markdown_by_hand():
         cell("esd-u-1", "esd-u-1", "clean", 1e-5, (0.2, 0.3, 0.4)),
         cell("meta:esd-u-1", "meta:esd-u-1", "hrm-m", 1e-5, (0.1, 0.3, 0.35)),
         cell("resalign:uce", "resalign:uce", "hrm-m", 1e-5, (0.0, 0.1, 0.2)),
+        cell("resalign:esd-u-1", "resalign:esd-u-1", "hrm-m", 1e-5, (0.45, 0.7, 0.9)),
         cell("resalign", "resalign", "hrm-m", 1e-5, (0.3, 0.4, 0.5)),
         cell("oracle", None, "hrm-m", 1e-5, (0.0, 0.01, 0.02), oracle=True),
         cell("esd-u-1", "esd-u-1", "hrm-m", 1e-4, (0.2, 0.9, 1.0)),
@@ -47,7 +48,7 @@ def test_table1_rows_and_markdown_by_hand():
     names = {(r["label"], r["method"], r["variant"]) for r in table.rows}
     assert names == {("esd-u-1", "esd-u-1", "unlearn"), ("meta:esd-u-1", "esd-u-1", "meta"), ("resalign:uce", "uce", "resalign"),
                      ("resalign", "resalign", "unlearn"), ("oracle", "oracle", "oracle"),
-                     ("meta:esd-u-1 gamma2 0.5", "esd-u-1", "meta")}  # fmt: skip
+                     ("meta:esd-u-1 gamma2 0.5", "esd-u-1", "meta"), ("resalign:esd-u-1", "esd-u-1", "resalign")}  # fmt: skip
     # One JSON row per evaluated step, in the shape; quality on the step-0 row only.
     assert len(table.rows) == 3 * len(cells)
     meta = {(r["attack"], r["step"]): r for r in table.rows if r["label"] == "meta:esd-u-1"}
@@ -61,11 +62,20 @@ def test_table1_rows_and_markdown_by_hand():
     circle = md.split("## circle, attack lr 1e-05")[1].split("## ")[0]
     assert "| method | variant | before: forget rate / alignment / FID | hrm-m 50 | hrm-m 100 | clean 50 | clean 100 |" in circle
     assert "| esd-u-1 | unlearn | 0.200 [0.100, 0.300] / 0.900 / 300 | 0.500 [0.400, 0.600] | 0.600 [0.500, 0.700] | 0.300 [0.200, 0.400] | 0.400 [0.300, 0.500] |" in circle
-    assert "| esd-u-1 | meta | 0.100 [0.000, 0.200] / 0.900 / 300 | 0.300 [0.200, 0.400] | 0.350 [0.250, 0.450] | - | - |" in circle
+    # Against its plain method, cell by cell: 0.35 [0.25, 0.45] sits below 0.6 [0.5, 0.7]; 0.3 [0.2, 0.4]
+    # and 0.5 [0.4, 0.6] overlap at their ends (0.4), so no mark.
+    assert "| esd-u-1 | meta | 0.100 [0.000, 0.200] / 0.900 / 300 | 0.300 [0.200, 0.400] | 0.350 [0.250, 0.450] ▼ | - | - |" in circle
+    assert (meta[("hrm-m", 100)]["vs_plain"], meta[("hrm-m", 50)]["vs_plain"], meta[("hrm-m", 0)]["vs_plain"]) == ("below", "overlap", "overlap")
+    assert {r["vs_plain"] for r in table.rows if r["variant"] in ("unlearn", "oracle")} == {None}
+    # Above its plain method is marked too; a defended method without a plain row has nothing to compare.
+    above = [r["vs_plain"] for r in table.rows if r["label"] == "resalign:esd-u-1"]
+    assert above == ["above", "overlap", "above"]
+    assert "| esd-u-1 | resalign | 0.450 [0.350, 0.550] ▲ / 0.900 / 300 | 0.700 [0.600, 0.800] | 0.900 [0.800, 1.000] ▲ | - | - |" in circle
+    assert {r["vs_plain"] for r in table.rows if r["label"] == "resalign:uce"} == {None}
     # Each method's plain row before its defended ones, the oracle last.
     order = [line.split(" | ")[:2] for line in circle.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert order == [["| esd-u-1", "unlearn"], ["| esd-u-1", "meta"], ["| resalign", "unlearn"], ["| uce", "resalign"],
-                     ["| oracle", "oracle"]]  # fmt: skip
+    assert order == [["| esd-u-1", "unlearn"], ["| esd-u-1", "meta"], ["| esd-u-1", "resalign"], ["| resalign", "unlearn"],
+                     ["| uce", "resalign"], ["| oracle", "oracle"]]  # fmt: skip
     assert set(table.curves) == {"table1-circle-hrm-m-lr1e-05-100.png", "table1-circle-clean-lr1e-05-100.png",
                                  "table1-circle-hrm-m-lr0.0001-100.png", "table1-striped-hrm-s-lr1e-05-100.png"}  # fmt: skip
     with pytest.raises(UnrelearnError, match="seeds"):

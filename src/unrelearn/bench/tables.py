@@ -216,14 +216,21 @@ def table1(cells: list[CellResult], made: str) -> TableOutput:
                 row |= {"fid": point.get("fid"), "kid": point.get("kid")}
             rows.append(row)
     rows.sort(key=lambda r: (r["concept"], r["lr"], r["label"], r["attack"], r["step"]))
+    # Where a defence helps: a defended cell against its plain method's at the same attack and step.
+    plain = {(r["concept"], r["lr"], r["method"], r["attack"], r["step"]): r for r in rows if r["variant"] == "unlearn"}
+    for row in rows:
+        match = plain.get((row["concept"], row["lr"], row["method"], row["attack"], row["step"]))
+        row["vs_plain"] = None if row["variant"] in ("unlearn", "oracle") or match is None else _compare(row, match)
 
     lines = [
         "# Table 1 (Meta-Unlearning, ICCV 2025) on the embedded world", "",
         ("Forget rate: share of 128 generations from the concept's prompts that the world's detector "
          "flags, with its 95% bootstrap interval; before fine-tuning also the retain alignment and FID. "
-         "Attacks: full fine-tuning with Adam at the stated lr, batch and data of the embedded world."), "",
+         "Attacks: full fine-tuning with Adam at the stated lr, batch and data of the embedded world. "
+         "A defended cell marked ▼ (▲) has its interval entirely below (above) its plain method's."), "",
         made, "",
     ]  # fmt: skip
+    marks = {(r["concept"], r["lr"], r["label"], r["attack"], r["step"]): _MARKS[r["vs_plain"]] for r in rows}
     curves: dict[str, tuple[str, dict[str, list[dict[str, Any]]]]] = {}
     for (concept, lr, length), table in sorted(by_table.items()):
         attacks = sorted({data for _, data in table}, key=lambda d: (_TABLE1_ATTACKS + (d,)).index(d))
@@ -240,10 +247,12 @@ def table1(cells: list[CellResult], made: str) -> TableOutput:
             # A setting of one's own (a tuning run) shows its label beside the variant.
             if label not in (method, f"{variant}:{method}", "oracle"):
                 variant = f"{variant} ({label})"
-            entries = [method, variant, f"{_rate(start['forget_rate'], start['forget_rate_ci'])} / {start['retain_alignment']:.3f} / {fid}"]
+            before = marks[(concept, lr, label, first.spec["attack"]["data"], 0)]
+            entries = [method, variant, f"{_rate(start['forget_rate'], start['forget_rate_ci'])}{before} / {start['retain_alignment']:.3f} / {fid}"]
             for data in attacks:
                 points = {p["step"]: p for p in mine[data].points} if data in mine else {}
-                entries += [_rate(points[s]["forget_rate"], points[s]["forget_rate_ci"]) if s in points else "-" for s in steps]
+                entries += [_rate(points[s]["forget_rate"], points[s]["forget_rate_ci"]) + marks[(concept, lr, label, data, s)]
+                            if s in points else "-" for s in steps]  # fmt: skip
             lines.append("| " + " | ".join(entries) + " |")
             for data, cell in mine.items():
                 name = f"table1-{concept}-{data}-lr{lr:g}-{length}.png"
@@ -251,6 +260,15 @@ def table1(cells: list[CellResult], made: str) -> TableOutput:
         lines.append("")
     lines += ["Curves: " + ", ".join(f"[{name}]({name})" for name in sorted(curves)), ""]
     return TableOutput(rows, "\n".join(lines), curves)
+
+
+_MARKS = {None: "", "overlap": "", "below": " ▼", "above": " ▲"}
+
+
+def _compare(row: dict[str, Any], plain: dict[str, Any]) -> str:
+    """``below`` / ``above`` when the two forget-rate intervals do not overlap, else ``overlap``."""
+    (low, high), (plain_low, plain_high) = row["forget_rate_ci"], plain["forget_rate_ci"]
+    return "below" if high < plain_low else "above" if low > plain_high else "overlap"
 
 
 def _table1_order(table: dict[tuple[str, str], CellResult], label: str) -> tuple:
