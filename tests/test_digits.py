@@ -156,6 +156,26 @@ def test_dimum_refuses_an_alternative_the_world_lacks(tiny_digits_model):
             method.memorized_pairs()
 
 
+def test_dimum_with_a_saliency_mask_trains_only_salient_weights(tiny_digits_model):
+    from unrelearn.errors import UnrelearnError
+    from unrelearn.methods import unlearn
+
+    before = {n: p.detach().clone() for n, p in tiny_digits_model.unet.named_parameters()}
+    options = {"steps": 2, "batch_size": 2, "images_per_prompt": 1, "lr": 1e-2, "mask_fraction": 0.3}
+    unlearn(tiny_digits_model, "dimum", "seven", overrides=options, progress=False)
+    changed = sum(int((p != before[n]).sum()) for n, p in tiny_digits_model.unet.named_parameters())
+    total = sum(p.numel() for p in tiny_digits_model.unet.parameters())
+    # At most the salient 30% move (Adam moves every weight with a nonzero gradient); some do.
+    assert 0 < changed <= round(0.3 * total) + 1
+    # Without the option every weight can move: the same run changes more than the mask allows.
+    for name, p in tiny_digits_model.unet.named_parameters():
+        p.data.copy_(before[name])
+    unlearn(tiny_digits_model, "dimum", "seven", overrides=options | {"mask_fraction": None}, progress=False)
+    assert sum(int((p != before[n]).sum()) for n, p in tiny_digits_model.unet.named_parameters()) > round(0.3 * total) + 1
+    with pytest.raises(UnrelearnError, match="meta:dimum: -o mask_fraction"):
+        unlearn(tiny_digits_model, "meta:dimum", "seven", overrides=options, progress=False)
+
+
 def test_adaptive_ascent_weights_by_hand():
     from unrelearn.methods.sfront import adaptive_ascent_weights
 

@@ -417,6 +417,7 @@ def _unlearn(
 # (ResAlign's resilience is written out: its options class imports this module.)
 _LATER_OPTIONS = {name: getattr(OptimizationConfig, name) for name in ("gradient_checkpointing", "mixed_precision", "generated_per_prompt")}
 _LATER_OPTIONS["resilience"] = "difference"
+_LATER_OPTIONS["mask_fraction"] = None  # DiMUM's (SalUn's own is never None)
 
 
 def _checkpoint_config(config: Any) -> dict[str, Any]:

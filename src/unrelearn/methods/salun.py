@@ -21,6 +21,31 @@ def saliency_mask(gradients: dict[str, torch.Tensor], fraction: float) -> dict[s
     return {name: (g.abs() >= threshold).float() for name, g in gradients.items()}
 
 
+def forget_saliency(method: OptimizationMethod, batches: int, fraction: float) -> dict[str, torch.Tensor]:
+    """SalUn's weight saliency: the mask of the ``fraction`` of UNet weights with the largest
+    |gradient| of the diffusion loss on the concept's own pairs (forget and HRM-m prompts with
+    images of the concept), summed over ``batches`` batches."""
+    model = method.model
+    gradients = {name: torch.zeros_like(p) for name, p in model.unet.named_parameters()}
+    for batch in range(batches):
+        generator = torch.Generator().manual_seed(method.config.seed * 7919 + batch)
+        captions = method.pick(method.sets.forget + method.sets.hrm_m, generator)
+        x0, context = method.images(captions, generator), model.encode_prompts([c.text for c in captions])
+        model.unet.zero_grad(set_to_none=True)
+        model.diffusion_loss(x0, context, generator).backward()
+        for name, p in model.unet.named_parameters():
+            if p.grad is not None:
+                gradients[name] += p.grad.detach()
+    model.unet.zero_grad(set_to_none=True)
+    return saliency_mask(gradients, fraction)
+
+
+def mask_gradients(unet: torch.nn.Module, mask: dict[str, torch.Tensor]) -> list[torch.utils.hooks.RemovableHandle]:
+    """Zero the gradients of the weights ``mask`` leaves out (hooks: remove them when done)."""
+    params = dict(unet.named_parameters())
+    return [params[name].register_hook(lambda g, m=m: g * m) for name, m in mask.items()]
+
+
 @dataclass
 class SalUnConfig(OptimizationConfig):
     """Defaults from the official class-conditional DDPM code: mask 50%, retain weight 1e-3,
@@ -53,33 +78,21 @@ class SalUn(OptimizationMethod):
         attributes[self.sets.attribute] = self.sets.alternative
         return Caption(caption.text, attributes)
 
-    def _forget_batch(self, generator: torch.Generator, relabel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forget_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         captions = self.pick(self.sets.forget + self.sets.hrm_m, generator)
-        image_captions = [self._alternative(c) for c in captions] if relabel else captions
-        return self.images(image_captions, generator), self.model.encode_prompts([c.text for c in captions])
+        relabelled = [self._alternative(c) for c in captions]
+        return self.images(relabelled, generator), self.model.encode_prompts([c.text for c in captions])
 
     def compute_mask(self) -> dict[str, torch.Tensor]:
-        model = self.model
-        gradients = {name: torch.zeros_like(p) for name, p in model.unet.named_parameters()}
-        for batch in range(self.config.mask_batches):
-            generator = torch.Generator().manual_seed(self.config.seed * 7919 + batch)
-            x0, context = self._forget_batch(generator, relabel=False)
-            model.unet.zero_grad(set_to_none=True)
-            model.diffusion_loss(x0, context, generator).backward()
-            for name, p in model.unet.named_parameters():
-                if p.grad is not None:
-                    gradients[name] += p.grad.detach()
-        model.unet.zero_grad(set_to_none=True)
-        return saliency_mask(gradients, self.config.mask_fraction)
+        return forget_saliency(self, self.config.mask_batches, self.config.mask_fraction)
 
     def bind(self, trainer: Trainer) -> None:
         self.mask = self.compute_mask()
-        params = dict(self.model.unet.named_parameters())
-        self._hooks = [params[name].register_hook(lambda g, m=m: g * m) for name, m in self.mask.items()]
+        self._hooks = mask_gradients(self.model.unet, self.mask)
 
     def loss(self, step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         model = self.model
-        x0, context = self._forget_batch(generator, relabel=True)
+        x0, context = self._forget_batch(generator)
         forget = model.diffusion_loss(x0, context, generator)
         retain = self.retain_loss(generator)
         return {"loss": forget + self.config.retain_weight * retain, "forget": forget, "retain": retain}
