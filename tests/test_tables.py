@@ -125,5 +125,7 @@ def test_write_table_names_the_command_of_the_whole_preset(tmp_path):
     written = write_table("table1", tmp_path, tmp_path / "docs" / "meta_table1")
     markdown = written["markdown"].read_text()
     assert "`unrelearn bench --preset table1 --out DIR`" in markdown and "urgent" not in markdown
-    assert written["rows"] == 4 and len(json.loads(written["json"].read_text())) == 4
+    rows = json.loads(written["json"].read_text())
+    assert written["rows"] == 4 and len(rows) == 4
+    assert rows[0]["commands"] == ["unrelearn bench --preset table1 --out DIR", f"unrelearn table table1 DIR --out {tmp_path / 'docs' / 'meta_table1'}"]
     assert all(figure.is_file() for figure in written["figures"])

@@ -69,6 +69,9 @@ def write_table(name: str, folder: str | Path, out: str | Path) -> dict[str, Any
     out.parent.mkdir(parents=True, exist_ok=True)
     made = f"Made by {', '.join(f'`{c}`' for c in commands)}, then `unrelearn table {name} {folder} --out {out}`."
     table = _TABLES[name](cells, made)
+    # Each row names what regenerates it (a table may be cut out of a larger file by others).
+    regenerate = [*commands, f"unrelearn table {name} DIR --out {out}"]
+    table.rows = [row | {"commands": regenerate} for row in table.rows]
     for file_name, (title, curves) in table.curves.items():
         plot_curves(curves, out.parent / file_name, None, title=title)
     write_text_atomic(out.with_suffix(".json"), json.dumps(table.rows, indent=1, sort_keys=True) + "\n")
