@@ -526,6 +526,8 @@ def bench(
         return
     command = shlex.join(["unrelearn", *_without_scheduling(sys.argv[1:])])
     labels = [label.strip() for label in only.split(",") if label.strip()] if only is not None else None
+    if labels == []:
+        raise UnrelearnError("--only names no contender; give labels as the preset spells them (`--list` shows them)")
     summary = run_bench(preset, out, shard, oracles, device=_device(device), keep_models=keep_models, command=command, model=model,
                         halving=halving, only=labels)  # fmt: skip
     typer.echo(describe(summary))
