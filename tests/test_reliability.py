@@ -452,18 +452,26 @@ def test_a_killed_cli_run_resumes_to_the_uninterrupted_weights(minilm, tmp_path)
 
 
 def test_options_added_later_leave_a_checkpoints_settings_as_they_were_at_their_defaults():
-    """A checkpoint written before an option existed (ResAlign's resilience, the memory options)
-    resumes: at its default the option is not part of a checkpoint's settings; set otherwise, it is."""
+    """A checkpoint written before an option existed (ResAlign's resilience, DiMUM's mask, the memory
+    options) resumes: at its default the option is not part of a checkpoint's settings; set
+    otherwise, it is."""
     from dataclasses import fields
 
     from unrelearn.defences.resalign import ResilienceOptions
     from unrelearn.methods import resolve_method
     from unrelearn.methods.base import _LATER_OPTIONS, OptimizationConfig, _checkpoint_config, build_config
+    from unrelearn.methods.dimum import DiMUMConfig
 
-    defaults = {f.name: f.default for cls in (OptimizationConfig, ResilienceOptions) for f in fields(cls)}
+    defaults = {f.name: f.default for cls in (OptimizationConfig, ResilienceOptions, DiMUMConfig) for f in fields(cls)}
     assert all(defaults[name] == value for name, value in _LATER_OPTIONS.items())
     cls, variant = resolve_method("resalign:esd-u-1")
     plain = _checkpoint_config(build_config(cls, "shapes", variant))
     assert not set(_LATER_OPTIONS) & set(plain) and plain["harm"] == "ga"  # harm predates this rule: kept
     changed = _checkpoint_config(build_config(cls, "shapes", variant | {"resilience": "after_ft"}))
     assert changed["resilience"] == "after_ft"
+    dimum, _ = resolve_method("dimum")
+    assert "mask_fraction" not in _checkpoint_config(build_config(dimum, "digits", {}))
+    assert _checkpoint_config(build_config(dimum, "digits", {"mask_fraction": 0.5}))["mask_fraction"] == 0.5
+    # SalUn's own mask_fraction (never None) stays in its settings as it always was.
+    salun, _ = resolve_method("salun")
+    assert _checkpoint_config(build_config(salun, "digits", {}))["mask_fraction"] == 0.5
