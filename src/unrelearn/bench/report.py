@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from unrelearn.bench.grid import digest
-from unrelearn.bench.store import CellResult, ResultStore
+from unrelearn.bench.store import CellResult, ResultStore, parts_of_others
 from unrelearn.errors import UnrelearnError
 from unrelearn.io import write_text_atomic
 
@@ -155,9 +155,8 @@ def build_blocks(store: ResultStore, figures: Path) -> list[Block]:
         raise UnrelearnError(f"{str(store.path)!r} holds no finished cell yet; run `unrelearn bench` first")
     # A preset whose cells another one holds too (a part run first: a shard of the grid, the most
     # urgent rows) shows inside the larger one, not twice. A halving search prunes: its own section.
-    grids = {name: set(entry["cells"]) for name, entry in presets if entry.get("halving") is None}
-    presets = [(name, entry) for name, entry in presets
-               if not any(other != name and set(entry["cells"]) < cells_of for other, cells_of in grids.items())]  # fmt: skip
+    parts = parts_of_others(dict(presets))
+    presets = [(name, entry) for name, entry in presets if name not in parts]
     blocks: list[Block] = [Heading("unrelearn benchmark report", 1), Paragraph(
         "Forget rate: share of generations from prompts naming the concept in which the world's detector sees it, "
         "with its 95% bootstrap interval; a contender is relearned when the rate reaches half the original model's "

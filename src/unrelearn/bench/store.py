@@ -292,3 +292,11 @@ def _migrate_4_to_5(db: sqlite3.Connection) -> None:
     for column in ("alternative_rate", "alternative_low", "alternative_high"):
         db.execute(f"ALTER TABLE points ADD COLUMN {column} REAL")
     db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (str(SCHEMA_VERSION),))
+
+
+def parts_of_others(presets: dict[str, dict[str, Any]]) -> set[str]:
+    """Presets whose cells a larger grid preset also holds (a part run first: a shard of the grid,
+    the urgent rows). A halving search prunes its grid, so it contains no other preset."""
+    grids = {name: set(entry["cells"]) for name, entry in presets.items() if entry.get("halving") is None}
+    return {name for name, entry in presets.items()
+            if any(other != name and set(entry["cells"]) < cells for other, cells in grids.items())}  # fmt: skip

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from unrelearn.bench.grid import digest
-from unrelearn.bench.store import CellResult, ResultStore
+from unrelearn.bench.store import CellResult, ResultStore, parts_of_others
 from unrelearn.errors import UnrelearnError
 from unrelearn.io import write_text_atomic
 from unrelearn.metrics import curve_maximum
@@ -58,8 +58,7 @@ def write_table(name: str, folder: str | Path, out: str | Path) -> dict[str, Any
         cells = store.cells()
         presets = dict(store.meta_items("preset:"))
         # A preset run as a part of a larger one (the same cells) is made by the larger one's command.
-        whole = [p for p, entry in presets.items()
-                 if not any(o != p and set(entry["cells"]) < set(other["cells"]) for o, other in presets.items())]  # fmt: skip
+        whole = [p for p in presets if p not in parts_of_others(presets)]
         commands = sorted({presets[p].get("command") or f"unrelearn bench --preset {p} --out DIR" for p in whole})
     finally:
         store.close()
@@ -172,6 +171,12 @@ def dimra_table(cells: list[CellResult], made: str) -> TableOutput:
     return TableOutput(rows, "\n".join(lines), curves)
 
 
+def _one_seed(cells: list[CellResult], table: str) -> None:
+    if len(seeds := sorted({c.seed for c in cells})) > 1:
+        raise UnrelearnError(f"{table} is one attack per setting, the store holds seeds {seeds}; "
+                             "use the bench report for the mean over seeds")
+
+
 def _method_and_variant(cell: CellResult) -> tuple[str, str]:
     """Table 1's row names: ``meta:esd-u-1`` is esd-u-1's "meta" variant, ``resalign:uce`` UCE's
     "resalign" variant; a method on its own is its "unlearn" variant, the oracle its own row."""
@@ -198,9 +203,7 @@ def table1(cells: list[CellResult], made: str) -> TableOutput:
     selected = [c for c in cells if c.spec["attack"]["mode"] == "full" and c.spec["attack"]["optimizer"] == "adam"]
     if not selected:
         raise UnrelearnError("the store holds no full fine-tuning Adam attack, the protocol of Table 1")
-    if len(seeds := sorted({c.seed for c in selected})) > 1:
-        raise UnrelearnError(f"Table 1 is one attack per setting, the store holds seeds {seeds}; "
-                             "use the bench report for the mean over seeds")  # fmt: skip
+    _one_seed(selected, "Table 1")
     rows: list[dict[str, Any]] = []
     by_table: dict[tuple[str, float, int], dict[tuple[str, str], CellResult]] = defaultdict(dict)
     for cell in selected:
@@ -287,9 +290,7 @@ def resalign_table(cells: list[CellResult], made: str) -> TableOutput:
     ablations, the oracle) before and after benign (``clean``, ``dimra-aux``) and malicious
     (``hrm-m``) fine-tuning, full and LoRA. Rows of the JSON are cells ``{concept, model, attack,
     mode, lr, step, forget_rate, forget_rate_ci, retain_alignment}``."""
-    if len(seeds := sorted({c.seed for c in cells})) > 1:
-        raise UnrelearnError(f"the ResAlign table is one attack per setting, the store holds seeds {seeds}; "
-                             "use the bench report for the mean over seeds")  # fmt: skip
+    _one_seed(cells, "the ResAlign table")
     rows: list[dict[str, Any]] = []
     by_concept: dict[str, dict[tuple[str, tuple], CellResult]] = defaultdict(dict)
     for cell in cells:
