@@ -412,6 +412,41 @@ def test_the_report_averages_seeds_and_shows_their_range_and_the_worst_case(tmp_
     assert "| 100, 100 | 0.350 |" in markdown
 
 
+def test_each_preset_shows_the_grids_and_training_curves_of_its_own_models_only(tmp_path):
+    """Presets sharing one folder share its models table; a preset's section draws only the models
+    its cells attacked."""
+    from PIL import Image
+
+    from unrelearn.bench.grid import digest
+
+    def point(step, rate):
+        return {"step": step, "forget_rate": rate, "forget_rate_ci": [rate, rate], "retain_alignment": 0.9,
+                "retain_alignment_ci": [0.8, 1.0], "precision": 0.7, "precision_ci": [0.6, 0.8], "fid": 100.0,
+                "kid": 0.01, "kid_std": 0.005}  # fmt: skip
+
+    store = ResultStore(tmp_path / "results.sqlite")
+    (tmp_path / "grids").mkdir()
+    for label, colour in [("meta:esd", "red"), ("meta:uce", "blue")]:
+        contender = {"model": "builtin:shapes", "method": label, "options": {}, "concept": "circle"}
+        key = digest(contender)
+        folder = tmp_path / "models" / key
+        folder.mkdir(parents=True)
+        Image.new("RGB", (8, 8), colour).save(folder / "training.png")
+        Image.new("RGB", (8, 8), colour).save(tmp_path / "grids" / f"model-{key}.png")
+        store.add_model(key, "circle", label, contender, str(folder), {})
+        points = [point(0, 0.1), point(100, 0.5)]
+        summary = durability_summary(points, threshold=0.45) | {"reference_forget_rate": 0.9}
+        store.add_cell(CellResult(f"cell-{label}", "circle", label, "hrm-m", 0, {"contender": contender}, summary, points, 1.0, "h"))
+        store.set_meta(f"preset:only-{label}", {"preset": {"contenders": [{"label": label}]}, "cells": [f"cell-{label}"],
+                                                  "command": "by hand"})  # fmt: skip
+    store.close()
+    markdown = write_report(tmp_path)["markdown"].read_text()
+    esd, uce = markdown.split("## Environment and cost")[0].split("## Preset `only-meta:uce`")
+    assert "meta:esd before the attack" in esd and "meta:esd: training curves" in esd
+    assert "meta:uce before the attack" not in esd and "meta:uce: training curves" not in esd
+    assert "meta:uce before the attack" in uce and "meta:esd" not in uce
+
+
 SEARCH = TINY | {
     "attacks": [{"data": "hrm-m", "lr": [1e-4, 1e-3, 3e-3], "steps": 4, "batch_size": 2, "data_size": 8, "eval_at": [0, 2, 4]}],
 }

@@ -173,8 +173,11 @@ def build_blocks(store: ResultStore, figures: Path) -> list[Block]:
         search = store.meta(f"search:{name}") if entry.get("halving") is not None else None
         if search is not None:
             blocks += _search_blocks(search, _ranking(entry["preset"]))
+        # The models this preset attacks: a folder shared by several presets holds others too.
+        attacked = {digest(c.spec["contender"]) for c in mine if "contender" in c.spec}
+        own_models = {key: model for key, model in models.items() if key in attacked}
         for concept, by_attack in sorted(_settings(mine).items()):
-            blocks += _concept_blocks(store, concept, by_attack, models, figures, plot_curves, _ranking(entry["preset"]))
+            blocks += _concept_blocks(store, concept, by_attack, own_models, figures, plot_curves, _ranking(entry["preset"]))
     blocks += _environment_blocks(store, list(cells.values()))
     return blocks
 
