@@ -1,6 +1,8 @@
 """ResAlign's hypergradient against exact oracles (finite differences, direct solves, a proximal
 point known in closed form), its solves reported and never hidden, and beta = 0 as the base."""
 
+import re
+
 import pytest
 import torch
 from conftest import interrupted_after_first_checkpoint, tiny_unet
@@ -228,8 +230,12 @@ def test_every_shape_trains_and_reports_its_solves(minilm, method, own):
 def test_a_run_whose_solves_mostly_fail_stops_with_a_clear_error(minilm):
     options = FAST_RESILIENCE | {"steps": 4, "configs_per_step": 5, "ft_steps": [1], "gamma": 1e6, "solve_iterations": 1,
                                  "ft_lrs": [1e-2]}  # fmt: skip
-    with pytest.raises(UnrelearnError, match=r"hypergradient solves did not reach residual 0\.1.*lower gamma"):
+    with pytest.raises(UnrelearnError, match=r"hypergradient solves did not reach residual 0\.1.*lower gamma") as stopped:
         unlearn(fresh_model(minilm), "resalign", "circle", overrides=options | {"batch_size": 2}, progress=False)
+    # The residuals it saw are in the message: a stopped run leaves no log to read them from.
+    low, high, median, halved = re.search(r"residuals (\S+) to (\S+), median (\S+); step size halved (\d+) times",
+                                          str(stopped.value)).groups()  # fmt: skip
+    assert 0.1 < float(low) <= float(median) <= float(high) and int(halved) >= 1
 
 
 @pytest.mark.parametrize(

@@ -132,6 +132,9 @@ class Resilience:
         }
         self.harmful = sets.hrm_m or sets.forget
         self.trainer = None
+        # What the error of a run stopped for failing solves quotes (this process's solves).
+        self.failed_residuals: list[float] = []
+        self.dampings = 0
         if config.harm == "method" and type(method).loss_at is OptimizationMethod.loss_at:
             raise UnrelearnError(
                 f"{method.name}: harm=method needs a wrapped method that offers its loss at other weights "
@@ -167,11 +170,13 @@ class Resilience:
             counts["attempted"] += 1
             residuals.append(solve.residual)
             dampings += solve.dampings
+            self.dampings += solve.dampings
             harm_after.append(after)
             if solve.converged:
                 hypergrads.append(solve.x)
             else:
                 counts["failed"] += 1
+                self.failed_residuals.append(solve.residual)
         self._stop_if_mostly_failing()
         logged = {
             "harm": float(at_theta.detach()), "harm_after_ft": sum(harm_after) / len(harm_after),
@@ -233,9 +238,12 @@ class Resilience:
             counts["attempted"] >= MIN_SOLVES_BEFORE_STOPPING
             and counts["failed"] > self.method.config.max_failed_share * counts["attempted"]
         ):
+            seen = sorted(self.failed_residuals)
+            quoted = (f" (their relative residuals {seen[0]:.3g} to {seen[-1]:.3g}, median {seen[len(seen) // 2]:.3g}; "
+                      f"step size halved {self.dampings} times)") if seen else ""  # fmt: skip
             raise UnrelearnError(
                 f"{self.method.name}: {counts['failed']} of {counts['attempted']} hypergradient solves did not reach "
-                f"residual {self.method.config.solve_tolerance:g} (see solve_residual in the log); lower gamma, "
+                f"residual {self.method.config.solve_tolerance:g}{quoted}; lower gamma, "
                 "raise solve_iterations, or narrow ft_lrs / ft_steps"
             )
 
