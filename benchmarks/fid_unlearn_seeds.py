@@ -4,7 +4,9 @@ Reads `benchmarks/fid_noise.py` outputs of models unlearned with different `--se
 per group, each run's FID (mean over the evaluation seeds) and the mean over runs with its 95%
 Student-t interval, so two methods are compared over unlearning runs rather than on one run each.
 ``--metric forget_rate`` reads ``unrelearn evaluate --json`` outputs instead (the AR of each run).
-``--compare A,B`` adds the difference of means B - A with its 95% Welch interval and p-value.
+``--compare A,B`` adds the difference of means B - A with its 95% Welch interval and p-value;
+``--pool 'A1,B1;A2,B2;...'`` the mean of several such differences (one per class: a stratified
+comparison over classes) with its Welch-Satterthwaite interval.
 
     python benchmarks/fid_unlearn_seeds.py --group 'salun-250=DIR/seven-salun-250-s*.json' \\
         --group 'dimum-250=DIR/seven-dimum-250-s*.json' [--compare salun-250,dimum-250] [--samples 512]
@@ -38,6 +40,8 @@ def main() -> None:
     parser.add_argument("--metric", default="fid", choices=["fid", "kid", "precision", "forget_rate"],
                         help="forget_rate reads `unrelearn evaluate --json` files instead of fid_noise.py's")
     parser.add_argument("--compare", action="append", default=[], help="A,B: the difference B - A of two groups")
+    parser.add_argument("--pool", action="append", default=[],
+                        help="'A1,B1;A2,B2;...': the mean over the pairs of B - A (per-class differences pooled)")
     parser.add_argument("--out", type=Path, default=None, help="writes OUT.json and OUT.md")
     args = parser.parse_args()
 
@@ -65,7 +69,7 @@ def main() -> None:
     value_column = "forget rate per run" if args.metric == "forget_rate" else f"{args.metric.upper()} per run (mean of its evaluation seeds)"
     table = "\n".join([f"| group | runs | {value_column} | mean over runs [95% t-interval] |",
                        "|---|---|---|---|", *lines])
-    comparisons = [_compare(rows, spec) for spec in args.compare]
+    comparisons = [_compare(rows, spec) for spec in args.compare] + [_pool(rows, spec) for spec in args.pool]
     if comparisons:
         table += "\n\n| B - A | difference of means [95% Welch interval] | Welch p |\n|---|---|---|\n" + "\n".join(
             f"| {c['b']} - {c['a']} | {c['difference']:.4g} [{c['ci95'][0]:.4g}, {c['ci95'][1]:.4g}] | {c['p']:.2g} |"
@@ -75,7 +79,7 @@ def main() -> None:
     if args.out:
         command = f"python benchmarks/fid_unlearn_seeds.py --metric {args.metric} --samples {args.samples} "
         command += " ".join(f"--group '{g}'" for g in args.group)
-        command += "".join(f" --compare '{c}'" for c in args.compare)
+        command += "".join(f" --compare '{c}'" for c in args.compare) + "".join(f" --pool '{p}'" for p in args.pool)
         write_json_atomic(args.out.with_suffix(".json"), {"command": command, "rows": rows, "comparisons": comparisons})
         write_text_atomic(args.out.with_suffix(".md"), f"`{command}`\n\n{table}\n")
 
@@ -91,6 +95,26 @@ def _compare(rows: list[dict], spec: str) -> dict:
     low, high = result.confidence_interval(0.95)
     difference = statistics.mean(by_label[b]) - statistics.mean(by_label[a])
     return {"a": a, "b": b, "difference": difference, "ci95": [float(low), float(high)], "p": float(result.pvalue)}
+
+
+def _pool(rows: list[dict], spec: str) -> dict:
+    """The mean over k pairs of (mean of B_i - mean of A_i), each group's runs independent: variance
+    sum(s_A^2 / n_A + s_B^2 / n_B) / k^2, degrees of freedom by Welch-Satterthwaite (with one pair,
+    Welch's test itself)."""
+    by_label = {r["group"]: [run["value"] for run in r["runs"]] for r in rows}
+    pairs = [pair.split(",") for pair in spec.split(";")]
+    if any(len(pair) != 2 or any(label not in by_label for label in pair) for pair in pairs):
+        sys.exit(f"error: --pool {spec!r}: give pairs A,B of group labels separated by ';' ({', '.join(by_label)})")
+    k = len(pairs)
+    differences = [statistics.mean(by_label[b]) - statistics.mean(by_label[a]) for a, b in pairs]
+    parts = [statistics.variance(by_label[g]) / len(by_label[g]) / k**2 for pair in pairs for g in pair]
+    variance = sum(parts)
+    df = variance**2 / sum(part**2 / (len(by_label[g]) - 1) for part, g in zip(parts, [g for pair in pairs for g in pair]))
+    difference = statistics.mean(differences)
+    half = float(stats.t.ppf(0.975, df)) * variance**0.5
+    p = float(2 * stats.t.sf(abs(difference) / variance**0.5, df))
+    return {"a": " + ".join(a for a, _ in pairs) + " (mean)", "b": " + ".join(b for _, b in pairs) + " (mean)",
+            "difference": difference, "ci95": [difference - half, difference + half], "p": p, "df": df}
 
 
 if __name__ == "__main__":

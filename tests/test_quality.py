@@ -123,3 +123,17 @@ def test_fid_over_unlearning_seeds_is_the_mean_of_runs_with_its_t_interval(tmp_p
     monkeypatch.setattr("sys.argv", [*argv[:-1], "m,z"])
     with pytest.raises(SystemExit, match="give two group labels"):
         script.main()
+    # Pooled over classes: one pair is Welch's comparison itself; two pairs by hand. With
+    # (m, n) and (n, m): differences +2 and -2, mean 0; variance (1/3 + 4/3) * 2 / 4 = 5/6,
+    # df = (5/6)^2 / (2 * ((1/12)^2 + (1/3)^2) / 2) = (25/36) / (17/144).
+    monkeypatch.setattr("sys.argv", [*argv[:-2], "--pool", "m,n", "--pool", "m,n;n,m", "--out", str(out)])
+    script.main()
+    one, two = json.loads(out.with_suffix(".json").read_text())["comparisons"]
+    assert abs(one["difference"] - comparison["difference"]) < 1e-12 and abs(one["p"] - comparison["p"]) < 1e-9
+    assert all(abs(x - y) < 1e-9 for x, y in zip(one["ci95"], comparison["ci95"]))
+    assert abs(two["difference"]) < 1e-12 and abs(two["df"] - (25 / 36) / (17 / 144)) < 1e-9
+    half = stats.t.ppf(0.975, (25 / 36) / (17 / 144)) * (5 / 6) ** 0.5
+    assert abs(two["ci95"][1] - half) < 1e-9 and abs(two["p"] - 1.0) < 1e-12
+    monkeypatch.setattr("sys.argv", [*argv[:-2], "--pool", "m,n;m"])
+    with pytest.raises(SystemExit, match="give pairs A,B"):
+        script.main()
