@@ -107,9 +107,10 @@ def _pool(rows: list[dict], spec: str) -> dict:
         sys.exit(f"error: --pool {spec!r}: give pairs A,B of group labels separated by ';' ({', '.join(by_label)})")
     k = len(pairs)
     differences = [statistics.mean(by_label[b]) - statistics.mean(by_label[a]) for a, b in pairs]
-    parts = [statistics.variance(by_label[g]) / len(by_label[g]) / k**2 for pair in pairs for g in pair]
+    groups = [by_label[g] for pair in pairs for g in pair]
+    parts = [statistics.variance(runs) / len(runs) / k**2 for runs in groups]
     variance = sum(parts)
-    df = variance**2 / sum(part**2 / (len(by_label[g]) - 1) for part, g in zip(parts, [g for pair in pairs for g in pair]))
+    df = variance**2 / sum(part**2 / (len(runs) - 1) for part, runs in zip(parts, groups))
     difference = statistics.mean(differences)
     half = float(stats.t.ppf(0.975, df)) * variance**0.5
     p = float(2 * stats.t.sf(abs(difference) / variance**0.5, df))

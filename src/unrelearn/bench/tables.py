@@ -58,7 +58,8 @@ def write_table(name: str, folder: str | Path, out: str | Path) -> dict[str, Any
         cells = store.cells()
         presets = dict(store.meta_items("preset:"))
         # A preset run as a part of a larger one (the same cells) is made by the larger one's command.
-        whole = [p for p in presets if p not in parts_of_others(presets)]
+        parts = parts_of_others(presets)
+        whole = [p for p in presets if p not in parts]
         commands = sorted({presets[p].get("command") or f"unrelearn bench --preset {p} --out DIR" for p in whole})
     finally:
         store.close()
