@@ -75,6 +75,17 @@ def test_presets_expand_to_checked_cells():
     assert len(two) == 2 * len(one)
 
 
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.mark.parametrize("path", sorted(p for p in DOCS.rglob("*.json") if '"contenders"' in p.read_text()),
+                         ids=lambda p: str(p.relative_to(DOCS)))  # fmt: skip
+def test_the_presets_the_docs_quote_still_expand(path):
+    """docs/ tells readers to run these files; a renamed option or method must break here, not for them."""
+    cells = expand(load_preset(str(path)))
+    assert cells and len({c.key for c in cells}) == len(cells)
+
+
 def test_an_attack_entry_can_attack_some_contenders_only():
     grid = TINY | {"contenders": [{"label": "uce", "method": "uce"}, {"label": "esd", "method": "esd-u-1"}],
                    "attacks": [{"data": "hrm-m", "steps": 10},
