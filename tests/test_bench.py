@@ -16,7 +16,7 @@ import pytest
 
 from unrelearn.bench.grid import expand, load_preset, parse_shard, preset_names, shard
 from unrelearn.bench.report import write_report
-from unrelearn.bench.run import durability_summary
+from unrelearn.bench.run import durability_summary, list_bench
 from unrelearn.bench.store import CellResult, ResultStore
 from unrelearn.errors import UnrelearnError
 
@@ -285,6 +285,22 @@ def test_the_report_shows_the_stored_numbers_tables_and_images(uninterrupted, tm
     assert 'src="' not in page.replace('src="data:image/png;base64,', "")
     for link in [line.split("](")[1].rstrip(")") for line in markdown.splitlines() if line.startswith("![")]:
         assert (tmp_path / "report" / link).is_file()
+
+
+def test_list_groups_cells_by_contender_and_counts_the_finished_ones(uninterrupted, tmp_path):
+    preset, finished = uninterrupted
+    fresh = list_bench(str(preset), tmp_path / "nothing-run")
+    body = [line.split(None, 2) for line in fresh[:-2]]
+    assert [status for _, status, _ in body] == ["pending"] * 4
+    # The preset's order (uce, then the oracle), attacks alphabetical within a contender.
+    assert [what.split(" | ")[1:3] for _, _, what in body] == [
+        ["uce", "clean full adam lr=0.0001 3 steps"], ["uce", "hrm-m full adam lr=0.0001 3 steps"],
+        ["oracle", "clean full adam lr=0.0001 3 steps"], ["oracle", "hrm-m full adam lr=0.0001 3 steps"],
+    ]  # fmt: skip
+    assert fresh[-2:] == ["finished by contender: uce 0/2, oracle 0/2", "4 cells, 0 finished"]
+    done = list_bench(str(preset), finished)
+    assert [line.split()[1] for line in done[:-2]] == ["done"] * 4
+    assert done[-2:] == ["finished by contender: uce 2/2, oracle 2/2", "4 cells, 4 finished"]
 
 
 def test_only_runs_the_named_contenders_first_and_records_the_whole_preset(uninterrupted, tmp_path):

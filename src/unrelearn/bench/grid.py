@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,18 @@ def _axes(entry: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip(names, combination)) for combination in itertools.product(*values)]
 
 
+def contender_label(entry: dict[str, Any], model: str) -> str:
+    """What a preset's contender entry is called in the store, the tables and ``--only``."""
+    return entry.get("label") or entry.get("method") or entry.get("model") or model
+
+
+def contender_rank(preset: dict[str, Any]) -> Callable[[str], tuple[int, str]]:
+    """A sort key for contender labels: the order the preset lists them, the oracle (the bar) last."""
+    model = preset.get("model") or "builtin:shapes"
+    order = [contender_label(entry, model) for entry in preset.get("contenders", [])] + ["oracle"]
+    return lambda label: (order.index(label) if label in order else len(order), label)
+
+
 def expand(preset: dict[str, Any], oracles: dict[str, str] | None = None) -> list[Cell]:
     """Every cell of ``preset``, checked before any work: methods, options, attack fields, eval."""
     from unrelearn.attacks import AttackConfig
@@ -173,7 +186,7 @@ def expand(preset: dict[str, Any], oracles: dict[str, str] | None = None) -> lis
             if method is not None:
                 cls, variant = resolve_method(method)
                 check_method_options(cls, variant | options)
-            label = entry.get("label") or method or entry.get("model") or model
+            label = contender_label(entry, model)
             contenders.append(Contender(label, entry.get("model", model).format(concept=concept), method, options))
         oracle = (oracles or {}).get(concept) or (preset["oracle"].format(concept=concept) if preset.get("oracle") else None)
         if oracle is not None and _model_exists(oracle):

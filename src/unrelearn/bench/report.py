@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unrelearn.bench.grid import digest
+from unrelearn.bench.grid import contender_rank, digest
 from unrelearn.bench.store import CellResult, ResultStore, parts_of_others
 from unrelearn.errors import UnrelearnError
 from unrelearn.io import write_text_atomic
@@ -137,12 +137,6 @@ def _settings(cells: list[CellResult]) -> dict[str, dict[str, list[Setting]]]:
     return out
 
 
-def _ranking(preset: dict[str, Any]):
-    """Contenders in the order the preset lists them, the oracle (the bar) last."""
-    order = [c.get("label") or c.get("method") or c.get("model") for c in preset.get("contenders", [])] + ["oracle"]
-    return lambda label: (order.index(label) if label in order else len(order), label)
-
-
 def build_blocks(store: ResultStore, figures: Path) -> list[Block]:
     """One section per preset run into the store, drawn from the cells that preset lists now (a
     preset rerun with other settings shows its new cells; the old ones stay in the store, reused
@@ -172,12 +166,12 @@ def build_blocks(store: ResultStore, figures: Path) -> list[Block]:
                                 f"finished. Made by `{command}`, drawn by `unrelearn report DIR`."))  # fmt: skip
         search = store.meta(f"search:{name}") if entry.get("halving") is not None else None
         if search is not None:
-            blocks += _search_blocks(search, _ranking(entry["preset"]))
+            blocks += _search_blocks(search, contender_rank(entry["preset"]))
         # The models this preset attacks: a folder shared by several presets holds others too.
         attacked = {digest(c.spec["contender"]) for c in mine if "contender" in c.spec}
         own_models = {key: model for key, model in models.items() if key in attacked}
         for concept, by_attack in sorted(_settings(mine).items()):
-            blocks += _concept_blocks(store, concept, by_attack, own_models, figures, plot_curves, _ranking(entry["preset"]))
+            blocks += _concept_blocks(store, concept, by_attack, own_models, figures, plot_curves, contender_rank(entry["preset"]))
     blocks += _environment_blocks(store, list(cells.values()))
     return blocks
 

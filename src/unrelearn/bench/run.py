@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from unrelearn.bench.grid import Cell, Contender, digest, expand, load_preset, parse_shard, shard
+from unrelearn.bench.grid import Cell, Contender, contender_rank, digest, expand, load_preset, parse_shard, shard
 from unrelearn.bench.search import Halving
 from unrelearn.bench.store import CellResult, ResultStore
 from unrelearn.errors import UnrelearnError
@@ -382,8 +382,9 @@ def list_bench(
     preset_name: str, out: str | Path, oracles: dict[str, str] | None = None, model: str | None = None,
     halving: int | None = None,
 ) -> list[str]:
-    """One line per cell of the preset: key, what it runs, and whether ``out`` holds its result;
-    with ``halving``, what the search costs at most against the full grid."""
+    """One line per cell of the preset (key, finished or pending, what it runs), grouped by concept
+    and contender in the preset's order, then how many cells of each contender are finished; with
+    ``halving``, what the search costs at most against the full grid."""
     preset = load_preset(preset_name)
     cells = expand(preset | {"model": model} if model is not None else preset, oracles)
     done: set[str] = set()
@@ -391,8 +392,17 @@ def list_bench(
         store = ResultStore(Path(out) / "results.sqlite")
         done = store.finished_keys()
         store.close()
+    concepts = {concept: i for i, concept in enumerate(preset["concepts"])}
+    rank = contender_rank(preset)
+    cells = sorted(cells, key=lambda c: (concepts[c.concept], rank(c.contender.label), c.attack_label, c.seed))
     lines = [f"{c.key}  {'done   ' if c.key in done else 'pending'}  {c.concept} | {c.contender.label} | "
              f"{c.attack_label} | seed {c.seed}" for c in cells]  # fmt: skip
+    per_label: dict[str, list[int]] = {}
+    for cell in cells:
+        finished, total = per_label.setdefault(cell.contender.label, [0, 0])
+        per_label[cell.contender.label] = [finished + (cell.key in done), total + 1]
+    lines.append("finished by contender: " + ", ".join(f"{label} {f}/{t}" for label, (f, t) in
+                                                          sorted(per_label.items(), key=lambda i: rank(i[0]))))  # fmt: skip
     lines.append(f"{len(cells)} cells, {sum(c.key in done for c in cells)} finished")
     if halving is not None:
         (steps, evaluations), (all_steps, all_evaluations) = Halving(cells, halving).cost()
