@@ -80,6 +80,23 @@ def test_table1_rows_and_markdown_by_hand():
                                  "table1-circle-hrm-m-lr0.0001-100.png", "table1-striped-hrm-s-lr1e-05-100.png"}  # fmt: skip
     with pytest.raises(UnrelearnError, match="seeds"):
         table1(cells + [replace(cells[0], key="seed1", seed=1)], "")
+    assert not any(r["broken"] for r in table.rows)
+
+
+def test_table1_marks_a_defended_model_that_lost_its_retained_knowledge():
+    from unrelearn.bench.tables import table1
+
+    def cell(label, method, alignment, rates):
+        points = [_point(step, rate) | {"retain_alignment": alignment} for step, rate in zip((0, 100), rates)]
+        return _cell(label, method, {}, "hrm-m", 1e-5, points)
+
+    # Alignment 0.44 is below half the plain method's 0.9; 0.46 is not.
+    cells = [cell("sdd", "sdd", 0.9, (0.3, 0.6)), cell("meta:sdd", "meta:sdd", 0.44, (0.0, 0.05)),
+             cell("meta:sdd gamma2=0.005", "meta:sdd", 0.46, (0.2, 0.4))]  # fmt: skip
+    table = table1(cells, "made by hand")
+    assert {r["label"]: r["broken"] for r in table.rows} == {"sdd": False, "meta:sdd": True, "meta:sdd gamma2=0.005": False}
+    assert "| sdd | meta ✗ | 0.000 [0.000, 0.100] ▼ / 0.440 / n/a | 0.050 [0.000, 0.150] ▼ |" in table.markdown
+    assert "| sdd | meta (meta:sdd gamma2=0.005) | 0.200" in table.markdown and "is broken" in table.markdown
 
 
 def test_resalign_table_rows_and_markdown_by_hand():

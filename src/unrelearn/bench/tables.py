@@ -228,13 +228,23 @@ def table1(cells: list[CellResult], made: str) -> TableOutput:
     for row in rows:
         match = plain.get((row["concept"], row["lr"], row["method"], row["attack"], row["step"]))
         row["vs_plain"] = None if row["variant"] in ("unlearn", "oracle") or match is None else _compare(row, match)
+    # A defence that wrecks the model also "forgets": flag it so a low forget rate is not read as durability.
+    before = {(r["concept"], r["label"]): r for r in rows if r["step"] == 0}
+    plain_alignment = {(r["concept"], r["method"]): r["retain_alignment"] for r in before.values() if r["variant"] == "unlearn"}
+    broken = {key for key, r in before.items()
+              if (reference := plain_alignment.get((r["concept"], r["method"]))) is not None
+              and r["retain_alignment"] < BROKEN_ALIGNMENT_SHARE * reference}  # fmt: skip
+    for row in rows:
+        row["broken"] = row["variant"] not in ("unlearn", "oracle") and (row["concept"], row["label"]) in broken
 
     lines = [
         "# Table 1 (Meta-Unlearning, ICCV 2025) on the embedded world", "",
         ("Forget rate: share of 128 generations from the concept's prompts that the world's detector "
          "flags, with its 95% bootstrap interval; before fine-tuning also the retain alignment and FID. "
          "Attacks: full fine-tuning with Adam at the stated lr, batch and data of the embedded world. "
-         "A defended cell marked ▼ (▲) has its interval entirely below (above) its plain method's."), "",
+         "A defended cell marked ▼ (▲) has its interval entirely below (above) its plain method's. "
+         f"A variant marked ✗ is broken: its retain alignment before any attack is below {BROKEN_ALIGNMENT_SHARE:g} of its "
+         "plain method's, so its low forget rates measure a ruined model, not durability."), "",
         made, "",
     ]  # fmt: skip
     marks = {(r["concept"], r["lr"], r["label"], r["attack"], r["step"]): _MARKS[r["vs_plain"]] for r in rows}
@@ -254,6 +264,8 @@ def table1(cells: list[CellResult], made: str) -> TableOutput:
             # A setting of one's own (a tuning run) shows its label beside the variant.
             if label not in (method, f"{variant}:{method}", "oracle"):
                 variant = f"{variant} ({label})"
+            if (concept, label) in broken:
+                variant += " ✗"
             before = marks[(concept, lr, label, first.spec["attack"]["data"], 0)]
             entries = [method, variant, f"{_rate(start['forget_rate'], start['forget_rate_ci'])}{before} / {start['retain_alignment']:.3f} / {fid}"]
             for data in attacks:
@@ -270,6 +282,9 @@ def table1(cells: list[CellResult], made: str) -> TableOutput:
 
 
 _MARKS = {None: "", "overlap": "", "below": " ▼", "above": " ▲"}
+# A defended model whose retain alignment before any attack is below this share of its plain
+# method's is marked broken (meta:sdd at ESD's gamma2: 0.023 against 0.844).
+BROKEN_ALIGNMENT_SHARE = 0.5
 
 
 def _compare(row: dict[str, Any], plain: dict[str, Any]) -> str:
