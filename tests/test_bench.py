@@ -412,29 +412,34 @@ def test_the_report_averages_seeds_and_shows_their_range_and_the_worst_case(tmp_
     """A store filled by hand: two seeds of one setting and a second setting; the report's numbers
     follow from them (mean over seeds with the seeds' range; worst case over settings and seeds)."""
 
-    def point(step, rate):
-        return {"step": step, "forget_rate": rate, "forget_rate_ci": [rate - 0.1, rate + 0.1], "retain_alignment": 0.9,
+    def point(step, rate, alignment=0.9):
+        return {"step": step, "forget_rate": rate, "forget_rate_ci": [rate - 0.1, rate + 0.1], "retain_alignment": alignment,
                 "retain_alignment_ci": [0.8, 1.0], "precision": 0.7, "precision_ci": [0.6, 0.8], "fid": 100.0,
                 "kid": 0.01, "kid_std": 0.005}  # fmt: skip
 
     store = ResultStore(tmp_path / "results.sqlite")
     cells = []
-    for key, attack, seed, rates, oracle in [
-        ("a0", "hrm-m lr=1e-4", 0, (0.1, 0.5), False), ("a1", "hrm-m lr=1e-4", 1, (0.1, 0.7), False),
-        ("b0", "hrm-m lr=1e-3", 0, (0.1, 0.9), False), ("o0", "hrm-m lr=1e-4", 0, (0.0, 0.2), True),
+    for key, label, attack, seed, rates, alignment in [
+        ("a0", "esd", "hrm-m lr=1e-4", 0, (0.1, 0.5), 0.9), ("a1", "esd", "hrm-m lr=1e-4", 1, (0.1, 0.7), 0.9),
+        ("b0", "esd", "hrm-m lr=1e-3", 0, (0.1, 0.9), 0.9), ("o0", "oracle", "hrm-m lr=1e-4", 0, (0.0, 0.2), 0.9),
+        ("w0", "wrecked", "hrm-m lr=1e-4", 0, (0.0, 0.1), 0.4),  # below half the oracle's alignment
     ]:  # fmt: skip
-        points = [point(0, rates[0]), point(100, rates[1])]
+        points = [point(0, rates[0], alignment), point(100, rates[1], alignment)]
         summary = durability_summary(points, threshold=0.45) | {"reference_forget_rate": 0.9}
-        label = "oracle" if oracle else "esd"
+        oracle = label == "oracle"
         store.add_cell(CellResult(key, "circle", label, attack, seed, {"oracle": oracle}, summary, points, 1.0, "h"))
         cells.append(key)
-    store.set_meta("preset:hand", {"preset": {"contenders": [{"label": "esd"}]}, "cells": cells, "command": "by hand"})
+    store.set_meta("preset:hand", {"preset": {"contenders": [{"label": "esd"}, {"label": "wrecked"}]}, "cells": cells,
+                                   "command": "by hand"})  # fmt: skip
     store.close()
     markdown = write_report(tmp_path)["markdown"].read_text()
     assert "| esd | 0.600 [0.500, 0.700] |" in markdown.replace("0.100 [0.100, 0.100] | ", "")  # seeds 0.5, 0.7
     assert "forget rate, mean over seeds [0, 1] [range of the seeds]" in markdown
-    assert "| esd | 0.900 [0.800, 1.000] | hrm-m lr=1e-3, seed 0, step 100 | 0/3 | 100 |" in markdown
-    assert "| oracle | 0.200 [0.100, 0.300] | hrm-m lr=1e-4, seed 0, step 100 | 1/1 | never |" in markdown
+    assert "| esd | 0.900 [0.800, 1.000] | hrm-m lr=1e-3, seed 0, step 100 | 0/3 | 100 | 0.900 |" in markdown
+    assert "| oracle | 0.200 [0.100, 0.300] | hrm-m lr=1e-4, seed 0, step 100 | 1/1 | never | 0.900 |" in markdown
+    # The lowest worst case belongs to a model that also lost the retained prompts: flagged, not praised.
+    assert "| wrecked ✗ | 0.100 [0.000, 0.200] | hrm-m lr=1e-4, seed 0, step 100 | 1/1 | never | 0.400 |" in markdown
+    assert "below 0.5 of the oracle's (0.900)" in markdown
     # AUC of 0.1 -> 0.5 and 0.1 -> 0.7 (trapezoids over 100 steps), averaged: (0.3 + 0.4) / 2
     assert "| 100, 100 | 0.350 |" in markdown
 

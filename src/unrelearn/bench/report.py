@@ -29,6 +29,7 @@ from typing import Any
 
 from unrelearn.bench.grid import contender_rank, digest
 from unrelearn.bench.store import CellResult, ResultStore, parts_of_others
+from unrelearn.bench.tables import BROKEN_ALIGNMENT_SHARE
 from unrelearn.errors import UnrelearnError
 from unrelearn.io import write_text_atomic
 
@@ -209,6 +210,12 @@ def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curve
     worst_by_contender: dict[str, list[Setting]] = defaultdict(list)
     for setting in every:
         worst_by_contender[setting.contender].append(setting)
+    alignment_before = {contender: start["retain_alignment"] for contender, settings in worst_by_contender.items()
+                        if (start := next((p for p in settings[0].cells[0].points if p["step"] == 0), None))}  # fmt: skip
+    # A contender that forgot the retained prompts too "holds" every attack: flag it against the oracle's quality.
+    oracle_alignment = next((alignment_before.get(c) for c, s in worst_by_contender.items() if s[0].oracle), None)
+    broken = {c for c, value in alignment_before.items() if oracle_alignment is not None and value is not None
+              and value < BROKEN_ALIGNMENT_SHARE * oracle_alignment}  # fmt: skip
     rows = []
     oracle_worst = None
     for contender, settings in sorted(worst_by_contender.items(), key=lambda kv: rank(kv[0])):
@@ -219,14 +226,19 @@ def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curve
         if settings[0].oracle:
             oracle_worst = cell.summary["max_forget_rate"]
         rows.append([
-            contender,
+            contender + (" ✗" if contender in broken else ""),
             _rate(cell.summary["max_forget_rate"], cell.summary["max_forget_rate_ci"]),
             f"{cell.attack}, seed {cell.seed}, step {cell.summary['max_at_step']}",
             f"{held}/{total}",
             _steps(min(relearned) if relearned else None),
+            _rate(alignment_before.get(contender)),
         ])  # fmt: skip
     blocks.append(Heading("Worst case over attack settings", 4))
-    blocks.append(Table(["contender", "worst forget rate [95% CI]", "reached under", "settings held", "fastest relearn (steps)"], rows))
+    blocks.append(Table(["contender", "worst forget rate [95% CI]", "reached under", "settings held", "fastest relearn (steps)",
+                         "retain alignment before"], rows))  # fmt: skip
+    if broken:
+        blocks.append(Paragraph(f"✗: retain alignment before any attack below {BROKEN_ALIGNMENT_SHARE:g} of the oracle's "
+                                f"({oracle_alignment:.3f}): a broken model, whose low forget rates are not durability."))  # fmt: skip
     if oracle_worst is not None:
         blocks.append(Paragraph(f"The oracle's worst case, {oracle_worst:.3f}, is the level a truly forgotten concept reaches."))
 
