@@ -58,7 +58,7 @@ def test_table1_rows_and_markdown_by_hand():
     # One Markdown table per concept, lr and length; columns: attacks in the paper's order by step.
     md = table.markdown
     assert "| esd-u-1 | meta (meta:esd-u-1 gamma2 0.5) | 0.100 [0.000, 0.200] / 0.900 / 300 |" in md
-    assert md.count("## ") == 3 and "## circle, attack lr 0.0001, 100 steps" in md and "## striped, attack lr 1e-05, 100 steps" in md
+    assert md.count(", attack lr ") == 3 and "## circle, attack lr 0.0001, 100 steps" in md and "## striped, attack lr 1e-05, 100 steps" in md
     circle = md.split("## circle, attack lr 1e-05")[1].split("## ")[0]
     assert "| method | variant | before: forget rate / alignment / FID | hrm-m 50 | hrm-m 100 | clean 50 | clean 100 |" in circle
     assert "| esd-u-1 | unlearn | 0.200 [0.100, 0.300] / 0.900 / 300 | 0.500 [0.400, 0.600] | 0.600 [0.500, 0.700] | 0.300 [0.200, 0.400] | 0.400 [0.300, 0.500] |" in circle
@@ -81,6 +81,12 @@ def test_table1_rows_and_markdown_by_hand():
     with pytest.raises(UnrelearnError, match="seeds"):
         table1(cells + [replace(cells[0], key="seed1", seed=1)], "")
     assert not any(r["broken"] for r in table.rows)
+    # The claims section: each defence named as the preset names it against its plain method at the last step
+    # (0.35 against 0.6: -42%, intervals apart); a tuning label and a defence without a plain row are left out.
+    claims = md.split("## Each defence against its plain method")[1]
+    assert "| circle | 1e-05 | esd-u-1 | meta | hrm-m 100 | 0.600 [0.500, 0.700] | 0.350 [0.250, 0.450] | -42% | below | +0.000 |" in claims
+    assert "| circle | 1e-05 | esd-u-1 | resalign | hrm-m 100 | 0.600 [0.500, 0.700] | 0.900 [0.800, 1.000] | +50% | above |" in claims
+    assert "gamma2 0.5" not in claims and "| uce |" not in claims and claims.count("| circle |") == 2
 
 
 def test_table1_marks_a_defended_model_that_lost_its_retained_knowledge():

@@ -277,8 +277,42 @@ def table1(cells: list[CellResult], made: str) -> TableOutput:
                 name = f"table1-{concept}-{data}-lr{lr:g}-{length}.png"
                 curves.setdefault(name, (f"{concept}: forget rate during {data}, lr {lr:g}", {}))[1][label] = cell.points
         lines.append("")
+    lines += _defended_against_plain(rows)
     lines += ["Curves: " + ", ".join(f"[{name}]({name})" for name in sorted(curves)), ""]
     return TableOutput(rows, "\n".join(lines), curves)
+
+
+def _defended_against_plain(rows: list[dict[str, Any]]) -> list[str]:
+    """The paper's claims read off the cells: each defence as the table1 preset names it
+    (``meta:esd-u-1``, not a tuning label) against its plain method, at each attack's last step,
+    with the change in retain alignment before the attack."""
+    last = {}
+    for row in rows:
+        key = (row["concept"], row["lr"], row["label"], row["attack"])
+        if row["step"] > last.get(key, {"step": -1})["step"]:
+            last[key] = row
+    before = {(r["concept"], r["lr"], r["label"]): r for r in rows if r["step"] == 0}
+    lines = []
+    for (concept, lr, label, attack), row in sorted(last.items()):
+        plain = last.get((concept, lr, row["method"], attack))
+        if row["variant"] in ("unlearn", "oracle", "original") or label != f"{row['variant']}:{row['method']}" or plain is None:
+            continue
+        change = (row["forget_rate"] - plain["forget_rate"]) / plain["forget_rate"] if plain["forget_rate"] else None
+        mine, theirs = before.get((concept, lr, label)), before.get((concept, lr, row["method"]))
+        alignment = "n/a" if mine is None or theirs is None else f"{mine['retain_alignment'] - theirs['retain_alignment']:+.3f}"
+        lines.append(f"| {concept} | {lr:g} | {row['method']} | {row['variant']}{' ✗' if row['broken'] else ''} | {attack} {row['step']} | "
+                     f"{_rate(plain['forget_rate'], plain['forget_rate_ci'])} | {_rate(row['forget_rate'], row['forget_rate_ci'])} | "
+                     f"{'n/a' if change is None else f'{change:+.0%}'} | {row['vs_plain'] if row['vs_plain'] in ('below', 'above') else 'overlap'} | "
+                     f"{alignment} |")  # fmt: skip
+    if not lines:
+        return []
+    return ["## Each defence against its plain method, at the last attack step", "",
+            ("The paper's claims read off the cells above: the forget rate after each attack's last step, plain and "
+             "defended, its relative change, whether the two intervals are apart, and the defended model's retain "
+             "alignment before any attack minus the plain method's (the paper: post-attack forget rate 30-60% lower, "
+             "quality unchanged)."), "",
+            "| concept | attack lr | method | defence | attack, step | plain | defended | change | intervals | alignment change |",
+            "|---|---|---|---|---|---|---|---|---|---|", *lines, ""]  # fmt: skip
 
 
 _MARKS = {None: "", "overlap": "", "below": " ▼", "above": " ▲"}
