@@ -152,3 +152,25 @@ def test_write_table_names_the_command_of_the_whole_preset(tmp_path):
     assert written["rows"] == 4 and len(rows) == 4
     assert rows[0]["commands"] == ["unrelearn bench --preset table1 --out DIR", f"unrelearn table table1 DIR --out {tmp_path / 'docs' / 'meta_table1'}"]
     assert all(figure.is_file() for figure in written["figures"])
+
+
+def test_table1_reads_the_self_destruction_signal_of_its_meta_models():
+    from unrelearn.bench.grid import digest
+    from unrelearn.bench.tables import table1
+
+    points = [_point(0, 0.2), _point(100, 0.5)]
+    cells = [_cell("esd-u-1", "esd-u-1", {}, "hrm-m", 1e-5, points), _cell("meta:esd-u-1", "meta:esd-u-1", {}, "hrm-m", 1e-5, points)]
+    curve = [{"step": i, "cos_ft_retain": c, "retain_shift": r} for i, (c, r) in
+             enumerate([(0.4, 0.001), (0.2, -0.003), (float("nan"), 0.002), (0.0, 0.002), (-0.2, -0.004)])]  # fmt: skip
+    models = [
+        {"key": digest(cells[1].spec["contender"]), "concept": "circle", "contender": "meta:esd-u-1",
+         "record": {"method": "meta:esd-u-1", "loss_curve": curve}},
+        {"key": digest(cells[0].spec["contender"]), "concept": "circle", "contender": "esd-u-1",
+         "record": {"method": "esd-u-1", "loss_curve": [{"step": 0, "loss": 0.1}]}},
+        {"key": "not-attacked-here", "concept": "circle", "contender": "meta:uce", "record": {"method": "meta:uce", "loss_curve": curve}},
+    ]  # fmt: skip
+    signal = table1(cells, "made by hand", models).markdown.split("## The self-destruction signal")[1]
+    # The NaN step is left out: four cosines, a quarter is one step; median |shift| of 1, 3, 2, 2, 4 thousandths.
+    assert "| circle | meta:esd-u-1 | 4 | +0.400 | -0.200 | 25% | 0.002 |" in signal
+    assert "meta:uce" not in signal and "| esd-u-1 |" not in signal
+    assert "self-destruction" not in table1(cells, "made by hand").markdown

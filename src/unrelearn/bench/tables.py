@@ -8,6 +8,8 @@ so a table is never a separate computation.
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,11 +31,14 @@ class TableOutput:
     curves: dict[str, tuple[str, dict[str, list[dict[str, Any]]]]]
 
 
-_TABLES: dict[str, Callable[[list[CellResult], str], TableOutput]] = {}
+# A builder gets the store's finished cells, the line saying what made them, and the store's
+# models (their run.json records: training curves, the meta runs' gradient-angle signal).
+Builder = Callable[[list[CellResult], str, list[dict[str, Any]]], TableOutput]
+_TABLES: dict[str, Builder] = {}
 
 
 def register_table(name: str):
-    def decorator(builder: Callable[[list[CellResult], str], TableOutput]):
+    def decorator(builder: Builder):
         _TABLES[name] = builder
         return builder
 
@@ -56,6 +61,7 @@ def write_table(name: str, folder: str | Path, out: str | Path) -> dict[str, Any
     store = ResultStore(database)
     try:
         cells = store.cells()
+        models = store.models()
         presets = dict(store.meta_items("preset:"))
         # A preset run as a part of a larger one (the same cells) is made by the larger one's command.
         parts = parts_of_others(presets)
@@ -68,7 +74,7 @@ def write_table(name: str, folder: str | Path, out: str | Path) -> dict[str, Any
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     made = f"Made by {', '.join(f'`{c}`' for c in commands)}, then `unrelearn table {name} {folder} --out {out}`."
-    table = _TABLES[name](cells, made)
+    table = _TABLES[name](cells, made, models)
     # Each row names what regenerates it (a table may be cut out of a larger file by others).
     regenerate = [*commands, f"unrelearn table {name} DIR --out {out}"]
     table.rows = [row | {"commands": regenerate} for row in table.rows]
@@ -109,7 +115,7 @@ _DIMRA_COLUMNS = {"dimra-retain": "dimra_retain", "dimra-aux": "dimra_heldout", 
 
 
 @register_table("dimra")
-def dimra_table(cells: list[CellResult], made: str) -> TableOutput:
+def dimra_table(cells: list[CellResult], made: str, models: list[dict[str, Any]] | None = None) -> TableOutput:
     """The DiMRA/DiMUM paper's Tables I-IV: per forget class and method (and unlearning length),
     FID, AR and the alternative rate after unlearning, and the maximum AR a DiMRA attack reaches
     (worst case over the attack settings run), with the alternative rate at the attack's end."""
@@ -195,7 +201,7 @@ _TABLE1_ATTACKS = ("hrm-s", "hrm-m", "clean")
 
 
 @register_table("table1")
-def table1(cells: list[CellResult], made: str) -> TableOutput:
+def table1(cells: list[CellResult], made: str, models: list[dict[str, Any]] | None = None) -> TableOutput:
     """The Meta-Unlearning paper's Table 1: per concept and attack learning rate, one row per
     method and variant (plain, meta, resalign, the oracle), the forget rate before fine-tuning
     with retain alignment and FID, then the forget rate after each attack at each evaluated step.
@@ -278,6 +284,7 @@ def table1(cells: list[CellResult], made: str) -> TableOutput:
                 curves.setdefault(name, (f"{concept}: forget rate during {data}, lr {lr:g}", {}))[1][label] = cell.points
         lines.append("")
     lines += _defended_against_plain(rows)
+    lines += _self_destruction_signal(selected, models or [])
     lines += ["Curves: " + ", ".join(f"[{name}]({name})" for name in sorted(curves)), ""]
     return TableOutput(rows, "\n".join(lines), curves)
 
@@ -315,6 +322,37 @@ def _defended_against_plain(rows: list[dict[str, Any]]) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|---|", *lines, ""]  # fmt: skip
 
 
+def _self_destruction_signal(cells: list[CellResult], models: list[dict[str, Any]]) -> list[str]:
+    """The paper's Fig. 6 as numbers: per meta model of these cells, the cosine between the
+    gradients of relearning (the forget set) and of the retained set over its training, early
+    against late, and how far one simulated step moved the retained loss (the zeta term's lever)."""
+    attacked = {digest(c.spec["contender"]) for c in cells if "contender" in c.spec}
+    lines = []
+    for model in models:
+        record = model["record"]
+        if model["key"] not in attacked or not str(record.get("method", "")).startswith("meta:"):
+            continue
+        curve = record.get("loss_curve") or []
+        cosines = [e["cos_ft_retain"] for e in curve if isinstance(e.get("cos_ft_retain"), float) and math.isfinite(e["cos_ft_retain"])]
+        shifts = [abs(e["retain_shift"]) for e in curve if isinstance(e.get("retain_shift"), float)]
+        if not cosines:
+            continue
+        quarter = max(1, len(cosines) // 4)
+        lines.append(f"| {model['concept']} | {model['contender']} | {len(cosines)} | {statistics.fmean(cosines[:quarter]):+.3f} | "
+                     f"{statistics.fmean(cosines[-quarter:]):+.3f} | {sum(c < 0 for c in cosines) / len(cosines):.0%} | "
+                     f"{'n/a' if not shifts else f'{statistics.median(shifts):.2g}'} |")  # fmt: skip
+    if not lines:
+        return []
+    return ["## The self-destruction signal (the paper's Fig. 6)", "",
+            ("Per meta model: the cosine between the gradient of relearning the forget set and that of the retained "
+             "set, on the signal's parameter subset, averaged over the first and the last quarter of its training "
+             "steps, and the share of steps where it is negative (relearning would then destroy retained "
+             "knowledge); the paper's claim is that it trends down. Last column: the median change of the retained "
+             "loss under one simulated attacker's step, the lever of the zeta term."), "",
+            "| concept | model | steps | cosine, first quarter | cosine, last quarter | steps below 0 | median abs retain shift |",
+            "|---|---|---|---|---|---|---|", *sorted(lines), ""]  # fmt: skip
+
+
 _MARKS = {None: "", "overlap": "", "below": " ▼", "above": " ▲"}
 # A defended model whose retain alignment before any attack is below this share of its plain
 # method's is marked broken (meta:sdd at ESD's gamma2: 0.023 against 0.844).
@@ -335,7 +373,7 @@ def _table1_order(table: dict[tuple[str, str], CellResult], label: str) -> tuple
 
 
 @register_table("resalign")
-def resalign_table(cells: list[CellResult], made: str) -> TableOutput:
+def resalign_table(cells: list[CellResult], made: str, models: list[dict[str, Any]] | None = None) -> TableOutput:
     """ResAlign's own protocol: per concept, each model (a contender: ESD-u-1, ResAlign, its
     ablations, the oracle) before and after benign (``clean``, ``dimra-aux``) and malicious
     (``hrm-m``) fine-tuning, full and LoRA. Rows of the JSON are cells ``{concept, model, attack,
