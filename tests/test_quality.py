@@ -120,6 +120,13 @@ def test_fid_over_unlearning_seeds_is_the_mean_of_runs_with_its_t_interval(tmp_p
     script.main()
     (rates,) = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["value"] for r in rates["runs"]] == [0.0, 0.25, 0.5] and abs(rates["mean"] - 0.25) < 1e-12
+    # Every run at the same value (all at AR 0): the interval is the point, not scipy's NaN.
+    for run in range(3):
+        (tmp_path / f"z-s{run}.eval.json").write_text(json.dumps({"model": f"z{run}", "forget_rate": 0.0}))
+    monkeypatch.setattr("sys.argv", ["x", "--metric", "forget_rate", "--group", f"z={tmp_path}/z-s*.eval.json",
+                                     "--out", str(out)])  # fmt: skip
+    script.main()
+    assert json.loads(out.with_suffix(".json").read_text())["rows"][0]["ci95"] == [0.0, 0.0]
     monkeypatch.setattr("sys.argv", [*argv[:-1], "m,z"])
     with pytest.raises(SystemExit, match="give two group labels"):
         script.main()
