@@ -311,15 +311,15 @@ def _defended_against_plain(rows: list[dict[str, Any]]) -> list[str]:
                      f"{_rate(plain['forget_rate'], plain['forget_rate_ci'])} | {_rate(row['forget_rate'], row['forget_rate_ci'])} | "
                      f"{'n/a' if change is None else f'{change:+.0%}'} | {row['vs_plain'] if row['vs_plain'] in ('below', 'above') else 'overlap'} | "
                      f"{alignment} |")  # fmt: skip
-    if not lines:
-        return []
-    return ["## Each defence against its plain method, at the last attack step", "",
-            ("The paper's claims read off the cells above: the forget rate after each attack's last step, plain and "
-             "defended, its relative change, whether the two intervals are apart, and the defended model's retain "
-             "alignment before any attack minus the plain method's (the paper: post-attack forget rate 30-60% lower, "
-             "quality unchanged)."), "",
-            "| concept | attack lr | method | defence | attack, step | plain | defended | change | intervals | alignment change |",
-            "|---|---|---|---|---|---|---|---|---|---|", *lines, ""]  # fmt: skip
+    return _section(
+        "Each defence against its plain method, at the last attack step",
+        "The paper's claims read off the cells above: the forget rate after each attack's last step, plain and "
+        "defended, its relative change, whether the two intervals are apart, and the defended model's retain "
+        "alignment before any attack minus the plain method's (the paper: post-attack forget rate 30-60% lower, "
+        "quality unchanged).",
+        ["concept", "attack lr", "method", "defence", "attack, step", "plain", "defended", "change", "intervals", "alignment change"],
+        lines,
+    )
 
 
 def _self_destruction_signal(cells: list[CellResult], models: list[dict[str, Any]]) -> list[str]:
@@ -341,16 +341,23 @@ def _self_destruction_signal(cells: list[CellResult], models: list[dict[str, Any
         lines.append(f"| {model['concept']} | {model['contender']} | {len(cosines)} | {statistics.fmean(cosines[:quarter]):+.3f} | "
                      f"{statistics.fmean(cosines[-quarter:]):+.3f} | {sum(c < 0 for c in cosines) / len(cosines):.0%} | "
                      f"{'n/a' if not shifts else f'{statistics.median(shifts):.2g}'} |")  # fmt: skip
+    return _section(
+        "The self-destruction signal (the paper's Fig. 6)",
+        "Per meta model: the cosine between the gradient of relearning the forget set and that of the retained "
+        "set, on the signal's parameter subset, averaged over the first and the last quarter of its training "
+        "steps, and the share of steps where it is negative (relearning would then destroy retained "
+        "knowledge); the paper's claim is that it trends down. Last column: the median change of the retained "
+        "loss under one simulated attacker's step, the lever of the zeta term.",
+        ["concept", "model", "steps", "cosine, first quarter", "cosine, last quarter", "steps below 0", "median abs retain shift"],
+        sorted(lines),
+    )
+
+
+def _section(title: str, text: str, header: list[str], lines: list[str]) -> list[str]:
+    """A Markdown section of table rows already formatted; nothing where there are no rows."""
     if not lines:
         return []
-    return ["## The self-destruction signal (the paper's Fig. 6)", "",
-            ("Per meta model: the cosine between the gradient of relearning the forget set and that of the retained "
-             "set, on the signal's parameter subset, averaged over the first and the last quarter of its training "
-             "steps, and the share of steps where it is negative (relearning would then destroy retained "
-             "knowledge); the paper's claim is that it trends down. Last column: the median change of the retained "
-             "loss under one simulated attacker's step, the lever of the zeta term."), "",
-            "| concept | model | steps | cosine, first quarter | cosine, last quarter | steps below 0 | median abs retain shift |",
-            "|---|---|---|---|---|---|---|", *sorted(lines), ""]  # fmt: skip
+    return [f"## {title}", "", text, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines, ""]
 
 
 _MARKS = {None: "", "overlap": "", "below": " ▼", "above": " ▲"}
@@ -369,7 +376,8 @@ def _table1_order(table: dict[tuple[str, str], CellResult], label: str) -> tuple
     """Each method's plain row, then its defended rows; the oracle last."""
     cell = next(c for (lab, _), c in table.items() if lab == label)
     method, variant = _method_and_variant(cell)
-    return (method == "oracle", method, variant != "unlearn", variant)
+    # The label last: tuning rows share their variant, and set order is not stable across runs.
+    return (method == "oracle", method, variant != "unlearn", variant, label)
 
 
 @register_table("resalign")
