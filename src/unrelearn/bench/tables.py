@@ -411,7 +411,7 @@ def resalign_table(cells: list[CellResult], made: str, models: list[dict[str, An
     ]  # fmt: skip
     curves: dict[str, tuple[str, dict[str, list[dict[str, Any]]]]] = {}
     for concept, table in sorted(by_concept.items()):
-        settings = sorted({s for _, s in table}, key=lambda s: (s[1], ("clean", "dimra-aux", "hrm-m", s[0]).index(s[0]), s[2], s[3]))
+        settings = sorted({s for _, s in table}, key=lambda s: (s[1], ("clean", "dimra-aux", "hrm-m", s[0]).index(s[0]), s[2], s[3], s))
         header = ["model", "before"] + [f"{data} {mode} lr {lr:g}, {steps} steps" for data, mode, lr, steps in settings]
         lines += [f"## {concept}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         labels = sorted({label for label, _ in table}, key=lambda label: (label == "oracle", label != "esd-u-1", label))
