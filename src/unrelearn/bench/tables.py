@@ -235,9 +235,9 @@ def table1(cells: list[CellResult], made: str, models: list[dict[str, Any]] | No
         match = plain.get((row["concept"], row["lr"], row["method"], row["attack"], row["step"]))
         row["vs_plain"] = None if row["variant"] in ("unlearn", "oracle") or match is None else _compare(row, match)
     # A defence that wrecks the model also "forgets": flag it so a low forget rate is not read as durability.
-    before = {(r["concept"], r["label"]): r for r in rows if r["step"] == 0}
-    plain_alignment = {(r["concept"], r["method"]): r["retain_alignment"] for r in before.values() if r["variant"] == "unlearn"}
-    broken = {key for key, r in before.items()
+    unattacked = {(r["concept"], r["label"]): r for r in rows if r["step"] == 0}
+    plain_alignment = {(r["concept"], r["method"]): r["retain_alignment"] for r in unattacked.values() if r["variant"] == "unlearn"}
+    broken = {key for key, r in unattacked.items()
               if (reference := plain_alignment.get((r["concept"], r["method"]))) is not None
               and r["retain_alignment"] < BROKEN_ALIGNMENT_SHARE * reference}  # fmt: skip
     for row in rows:
