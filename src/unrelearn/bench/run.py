@@ -25,6 +25,7 @@ import json
 import shutil
 import socket
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -397,12 +398,9 @@ def list_bench(
     cells = sorted(cells, key=lambda c: (concepts[c.concept], rank(c.contender.label), c.attack_label, c.seed))
     lines = [f"{c.key}  {'done   ' if c.key in done else 'pending'}  {c.concept} | {c.contender.label} | "
              f"{c.attack_label} | seed {c.seed}" for c in cells]  # fmt: skip
-    per_label: dict[str, list[int]] = {}
-    for cell in cells:
-        finished, total = per_label.setdefault(cell.contender.label, [0, 0])
-        per_label[cell.contender.label] = [finished + (cell.key in done), total + 1]
-    lines.append("finished by contender: " + ", ".join(f"{label} {f}/{t}" for label, (f, t) in
-                                                          sorted(per_label.items(), key=lambda i: rank(i[0]))))  # fmt: skip
+    total = Counter(c.contender.label for c in cells)
+    finished = Counter(c.contender.label for c in cells if c.key in done)
+    lines.append("finished by contender: " + ", ".join(f"{label} {finished[label]}/{total[label]}" for label in sorted(total, key=rank)))
     lines.append(f"{len(cells)} cells, {sum(c.key in done for c in cells)} finished")
     if halving is not None:
         (steps, evaluations), (all_steps, all_evaluations) = Halving(cells, halving).cost()
