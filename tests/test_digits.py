@@ -349,6 +349,8 @@ def test_dimra_table_rows_by_hand(tmp_path):
     assert rows["salun"]["unlearn_steps"] == 200 and rows["salun"]["max_ar_dimra_retain"] == 0.6
     assert "max_ar_dimra_heldout" not in rows["salun"]
     assert (rows["oracle"]["method"], rows["oracle"]["unlearn_steps"]) == ("oracle", None)
-    assert "| seven | dimum-250 | 250 | 12.0 | 0.000 [0.000, 0.100] | 0.900 [0.800, 1.000] | 0.200 [0.100, 0.300] (100) |" in table.markdown
+    assert "| seven | dimum-250 | 250 | 12.0 | n/a | 0.000 [0.000, 0.100] | 0.900 [0.800, 1.000] | 0.200 [0.100, 0.300] (100) |" in table.markdown
+    cells[0].points[0] |= {"kid": 0.01234, "kid_std": 0.00321}
+    assert "| seven | dimum-250 | 250 | 12.0 | 0.0123 ± 0.0032 | 0.000 [0.000, 0.100] |" in dimra_table(cells, "made by hand").markdown
     assert len(table.curves) == 3 and all(set(c[1]) <= set(rows) for c in table.curves.values())
 

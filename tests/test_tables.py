@@ -57,20 +57,20 @@ def test_table1_rows_and_markdown_by_hand():
     assert meta[("hrm-m", 0)]["lr"] == 1e-5 and meta[("hrm-m", 0)]["options"] == {"gamma2": 0.05}
     # One Markdown table per concept, lr and length; columns: attacks in the paper's order by step.
     md = table.markdown
-    assert "| esd-u-1 | meta (meta:esd-u-1 gamma2 0.5) | 0.100 [0.000, 0.200] / 0.900 / 300 |" in md
+    assert "| esd-u-1 | meta (meta:esd-u-1 gamma2 0.5) | 0.100 [0.000, 0.200] / 0.900 [0.800, 1.000] / 300 |" in md
     assert md.count(", attack lr ") == 3 and "## circle, attack lr 0.0001, 100 steps" in md and "## striped, attack lr 1e-05, 100 steps" in md
     circle = md.split("## circle, attack lr 1e-05")[1].split("## ")[0]
-    assert "| method | variant | before: forget rate / alignment / FID | hrm-m 50 | hrm-m 100 | clean 50 | clean 100 |" in circle
-    assert "| esd-u-1 | unlearn | 0.200 [0.100, 0.300] / 0.900 / 300 | 0.500 [0.400, 0.600] | 0.600 [0.500, 0.700] | 0.300 [0.200, 0.400] | 0.400 [0.300, 0.500] |" in circle
+    assert "| method | variant | before: forget rate / retain alignment / FID | hrm-m 50 | hrm-m 100 | clean 50 | clean 100 |" in circle
+    assert "| esd-u-1 | unlearn | 0.200 [0.100, 0.300] / 0.900 [0.800, 1.000] / 300 | 0.500 [0.400, 0.600] | 0.600 [0.500, 0.700] | 0.300 [0.200, 0.400] | 0.400 [0.300, 0.500] |" in circle
     # Against its plain method, cell by cell: 0.35 [0.25, 0.45] sits below 0.6 [0.5, 0.7]; 0.3 [0.2, 0.4]
     # and 0.5 [0.4, 0.6] overlap at their ends (0.4), so no mark.
-    assert "| esd-u-1 | meta | 0.100 [0.000, 0.200] / 0.900 / 300 | 0.300 [0.200, 0.400] | 0.350 [0.250, 0.450] ▼ | - | - |" in circle
+    assert "| esd-u-1 | meta | 0.100 [0.000, 0.200] / 0.900 [0.800, 1.000] / 300 | 0.300 [0.200, 0.400] | 0.350 [0.250, 0.450] ▼ | - | - |" in circle
     assert (meta[("hrm-m", 100)]["vs_plain"], meta[("hrm-m", 50)]["vs_plain"], meta[("hrm-m", 0)]["vs_plain"]) == ("below", "overlap", "overlap")
     assert {r["vs_plain"] for r in table.rows if r["variant"] in ("unlearn", "oracle")} == {None}
     # Above its plain method is marked too; a defended method without a plain row has nothing to compare.
     above = [r["vs_plain"] for r in table.rows if r["label"] == "resalign:esd-u-1"]
     assert above == ["above", "overlap", "above"]
-    assert "| esd-u-1 | resalign | 0.450 [0.350, 0.550] ▲ / 0.900 / 300 | 0.700 [0.600, 0.800] | 0.900 [0.800, 1.000] ▲ | - | - |" in circle
+    assert "| esd-u-1 | resalign | 0.450 [0.350, 0.550] ▲ / 0.900 [0.800, 1.000] / 300 | 0.700 [0.600, 0.800] | 0.900 [0.800, 1.000] ▲ | - | - |" in circle
     assert {r["vs_plain"] for r in table.rows if r["label"] == "resalign:uce"} == {None}
     # Each method's plain row before its defended ones, the oracle last.
     order = [line.split(" | ")[:2] for line in circle.splitlines() if line.startswith("| ") and "---" not in line][1:]
@@ -93,7 +93,8 @@ def test_table1_marks_a_defended_model_that_lost_its_retained_knowledge():
     from unrelearn.bench.tables import table1
 
     def cell(label, method, alignment, rates):
-        points = [_point(step, rate) | {"retain_alignment": alignment} for step, rate in zip((0, 100), rates)]
+        points = [_point(step, rate) | {"retain_alignment": alignment, "retain_alignment_ci": [alignment - 0.05, alignment + 0.05]}
+                  for step, rate in zip((0, 100), rates)]
         return _cell(label, method, {}, "hrm-m", 1e-5, points)
 
     # Alignment 0.44 is below half the plain method's 0.9; 0.46 is not.
@@ -101,7 +102,7 @@ def test_table1_marks_a_defended_model_that_lost_its_retained_knowledge():
              cell("meta:sdd gamma2=0.005", "meta:sdd", 0.46, (0.2, 0.4))]  # fmt: skip
     table = table1(cells, "made by hand")
     assert {r["label"]: r["broken"] for r in table.rows} == {"sdd": False, "meta:sdd": True, "meta:sdd gamma2=0.005": False}
-    assert "| sdd | meta ✗ | 0.000 [0.000, 0.100] ▼ / 0.440 / n/a | 0.050 [0.000, 0.150] ▼ |" in table.markdown
+    assert "| sdd | meta ✗ | 0.000 [0.000, 0.100] ▼ / 0.440 [0.390, 0.490] / n/a | 0.050 [0.000, 0.150] ▼ |" in table.markdown
     assert "| sdd | meta (meta:sdd gamma2=0.005) | 0.200" in table.markdown and "is broken" in table.markdown
 
 
@@ -125,8 +126,8 @@ def test_resalign_table_rows_and_markdown_by_hand():
     assert (row["method"], row["options"]) == ("resalign", {"beta": 0.0})
     md = table.markdown
     assert "| model | before | dimra-aux full lr 1e-05, 200 steps | hrm-m lora lr 0.0001, 200 steps |" in md
-    assert "| esd-u-1 | 0.200 [0.100, 0.300] (0.900) | 0.550 [0.450, 0.650] (0.900) | 0.500 [0.400, 0.600] (0.900) |" in md
-    assert "| oracle | 0.040 [0.000, 0.140] (0.900) | 0.040 [0.000, 0.140] (0.900) | - |" in md
+    assert "| esd-u-1 | 0.200 [0.100, 0.300] (0.900 [0.800, 1.000]) | 0.550 [0.450, 0.650] (0.900 [0.800, 1.000]) | 0.500 [0.400, 0.600] (0.900 [0.800, 1.000]) |" in md
+    assert "| oracle | 0.040 [0.000, 0.140] (0.900 [0.800, 1.000]) | 0.040 [0.000, 0.140] (0.900 [0.800, 1.000]) | - |" in md
     # ESD-u-1 first, the oracle last.
     order = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert order == ["| esd-u-1", "| resalign-no-hypergradient", "| oracle"]

@@ -92,6 +92,10 @@ def _rate(value: float | None, interval: list | None = None) -> str:
     return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval and interval[0] is not None else "")
 
 
+def _rate_and_alignment(point: dict[str, Any]) -> str:
+    return f"{_rate(point['forget_rate'], point['forget_rate_ci'])} ({_rate(point['retain_alignment'], point.get('retain_alignment_ci'))})"
+
+
 def _method_and_steps(cell: CellResult) -> tuple[str, int | None, float | None]:
     """The method family, its unlearning steps (the contender's option, else the embedded
     default) and the decay of the weight average it saved (None: its last iterate)."""
@@ -132,7 +136,8 @@ def dimra_table(cells: list[CellResult], made: str, models: list[dict[str, Any]]
         start = next(p for p in group[0].points if p["step"] == 0)
         row: dict[str, Any] = {
             "class": concept, "method": method, "label": label, "unlearn_steps": steps, "ema_decay": ema_decay,
-            "fid": start["fid"], "kid": start["kid"], "ar": start["forget_rate"], "ar_ci": start["forget_rate_ci"],
+            "fid": start["fid"], "kid": start["kid"], "kid_std": start.get("kid_std"),
+            "ar": start["forget_rate"], "ar_ci": start["forget_rate_ci"],
             "alternative_rate": start.get("alternative_rate"), "alternative_rate_ci": start.get("alternative_rate_ci"),
             "retain_alignment": start["retain_alignment"],
         }  # fmt: skip
@@ -154,7 +159,8 @@ def dimra_table(cells: list[CellResult], made: str, models: list[dict[str, Any]]
         rows.append(row)
 
     columns = [c for c in _DIMRA_COLUMNS.values() if any(f"max_ar_{c}" in r for r in rows)]
-    header = (["class", "method", "unlearn steps", "FID", "AR [95% CI]", "alternative rate [95% CI]"]
+    header = (["class", "method", "unlearn steps", "FID (one estimate)", "KID ± std over subsets", "AR [95% CI]",
+               "alternative rate [95% CI]"]
               + [f"max AR, DiMRA {c.removeprefix('dimra_')} [95% CI] (step)" for c in columns]
               + [f"alternative rate after DiMRA {c.removeprefix('dimra_')}" for c in columns])  # fmt: skip
     lines = [
@@ -162,12 +168,16 @@ def dimra_table(cells: list[CellResult], made: str, models: list[dict[str, Any]]
         ("AR: share of generations from prompts naming the class that the world's detector classifies as the class; "
         "alternative rate: share classified as the alternative class; FID in the detector's features against real "
         "training images of the retain classes; max AR: the highest AR any evaluated step of the DiMRA attack "
-        "reached (worst case over the attack settings run). 95% bootstrap intervals."), "", made, "",
+        "reached (worst case over the attack settings run). 95% bootstrap intervals. FID and KID come from one "
+        "set of generations each and carry no interval. FID also moves between unlearning runs of one method (on "
+        "digits, SalUn at 1,000 steps on zero: 69.8-103.0 over 5 seeds at 512 generations), so judge a quality "
+        "difference on several unlearning runs per method (benchmarks/fid_unlearn_seeds.py, docs/dimra/quality/)."), "", made, "",
         "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
     ]  # fmt: skip
     for r in rows:
         cells_md = [r["class"], r["label"], "-" if r["unlearn_steps"] is None else str(r["unlearn_steps"]),
-                    "n/a" if r["fid"] is None else f"{r['fid']:.1f}", _rate(r["ar"], r["ar_ci"]),
+                    "n/a" if r["fid"] is None else f"{r['fid']:.1f}",
+                    "n/a" if r["kid"] is None else f"{r['kid']:.4f} ± {r['kid_std']:.4f}", _rate(r["ar"], r["ar_ci"]),
                     _rate(r["alternative_rate"], r["alternative_rate_ci"])]  # fmt: skip
         for c in columns:
             cells_md.append(f"{_rate(r[f'max_ar_{c}'], r[f'max_ar_{c}_ci'])} ({r[f'max_ar_{c}_step']})" if f"max_ar_{c}" in r else "-")
@@ -246,7 +256,9 @@ def table1(cells: list[CellResult], made: str, models: list[dict[str, Any]] | No
     lines = [
         "# Table 1 (Meta-Unlearning, ICCV 2025) on the embedded world", "",
         ("Forget rate: share of 128 generations from the concept's prompts that the world's detector "
-         "flags, with its 95% bootstrap interval; before fine-tuning also the retain alignment and FID. "
+         "flags, with its 95% bootstrap interval; before fine-tuning also the retain alignment (with its interval) "
+         "and FID (one estimate of 128 generations, no interval: it moves by up to 58% between evaluation seeds on "
+         "the base model, so only large differences in it mean anything). "
          "Attacks: full fine-tuning with Adam at the stated lr, batch and data of the embedded world. "
          "A defended cell marked ▼ (▲) has its interval entirely below (above) its plain method's. "
          f"A variant marked ✗ is broken: its retain alignment before any attack is below {BROKEN_ALIGNMENT_SHARE:g} of its "
@@ -258,7 +270,7 @@ def table1(cells: list[CellResult], made: str, models: list[dict[str, Any]] | No
     for (concept, lr, length), table in sorted(by_table.items()):
         attacks = sorted({data for _, data in table}, key=lambda d: (_TABLE1_ATTACKS + (d,)).index(d))
         steps = sorted({p["step"] for c in table.values() for p in c.points if p["step"] > 0})
-        header = ["method", "variant", "before: forget rate / alignment / FID"] + [f"{a} {s}" for a in attacks for s in steps]
+        header = ["method", "variant", "before: forget rate / retain alignment / FID"] + [f"{a} {s}" for a in attacks for s in steps]
         lines += [f"## {concept}, attack lr {lr:g}, {length} steps", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         labels = sorted({label for label, _ in table}, key=lambda label: _table1_order(table, label))
         for label in labels:
@@ -273,7 +285,8 @@ def table1(cells: list[CellResult], made: str, models: list[dict[str, Any]] | No
             if (concept, label) in broken:
                 variant += " ✗"
             before = marks[(concept, lr, label, first.spec["attack"]["data"], 0)]
-            entries = [method, variant, f"{_rate(start['forget_rate'], start['forget_rate_ci'])}{before} / {start['retain_alignment']:.3f} / {fid}"]
+            alignment = _rate(start["retain_alignment"], start.get("retain_alignment_ci"))
+            entries = [method, variant, f"{_rate(start['forget_rate'], start['forget_rate_ci'])}{before} / {alignment} / {fid}"]
             for data in attacks:
                 points = {p["step"]: p for p in mine[data].points} if data in mine else {}
                 entries += [_rate(points[s]["forget_rate"], points[s]["forget_rate_ci"]) + marks[(concept, lr, label, data, s)]
@@ -406,7 +419,7 @@ def resalign_table(cells: list[CellResult], made: str, models: list[dict[str, An
         "# ResAlign's protocol on the embedded world", "",
         ("Forget rate (share of generations from the concept's prompts the detector flags) before any "
          "fine-tuning and at the attack's last evaluated step, 95% bootstrap intervals; retain alignment "
-         "in parentheses. Benign attacks: `clean` (retain-like pairs), `dimra-aux` (fresh pairs without "
+         "with its interval in parentheses. Benign attacks: `clean` (retain-like pairs), `dimra-aux` (fresh pairs without "
          "the concept); malicious: `hrm-m`."), "", made, "",
     ]  # fmt: skip
     curves: dict[str, tuple[str, dict[str, list[dict[str, Any]]]]] = {}
@@ -418,10 +431,10 @@ def resalign_table(cells: list[CellResult], made: str, models: list[dict[str, An
         for label in labels:
             mine = {s: c for (lab, s), c in table.items() if lab == label}
             start = next(p for p in next(iter(mine.values())).points if p["step"] == 0)
-            entries = [label, f"{_rate(start['forget_rate'], start['forget_rate_ci'])} ({start['retain_alignment']:.3f})"]
+            entries = [label, _rate_and_alignment(start)]
             for setting in settings:
                 last = mine[setting].points[-1] if setting in mine else None
-                entries.append("-" if last is None else f"{_rate(last['forget_rate'], last['forget_rate_ci'])} ({last['retain_alignment']:.3f})")
+                entries.append("-" if last is None else _rate_and_alignment(last))
             lines.append("| " + " | ".join(entries) + " |")
             for (data, mode, lr, steps), cell in mine.items():
                 name = f"resalign-{concept}-{data}-{mode}-lr{lr:g}.png"
