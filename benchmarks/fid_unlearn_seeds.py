@@ -76,6 +76,7 @@ def main() -> None:
     if comparisons:
         table += "\n\n| B - A | difference of means [95% Welch interval] | Welch p |\n|---|---|---|\n" + "\n".join(
             f"| {c['b']} - {c['a']} | {c['difference']:.4g} [{c['ci95'][0]:.4g}, {c['ci95'][1]:.4g}] | {c['p']:.2g} |"
+            if c["ci95"] else f"| {c['b']} - {c['a']} | {c['difference']:.4g} (no interval: every run of each group at one value) | n/a |"
             for c in comparisons
         )
     print(table)
@@ -94,10 +95,19 @@ def _compare(rows: list[dict], spec: str) -> dict:
     if len(labels) != 2 or any(label not in by_label for label in labels):
         sys.exit(f"error: --compare {spec!r}: give two group labels A,B from --group ({', '.join(by_label)})")
     a, b = labels
+    difference = statistics.mean(by_label[b]) - statistics.mean(by_label[a])
+    if _no_spread([by_label[a], by_label[b]]):
+        return {"a": a, "b": b, "difference": difference, "ci95": None, "p": None}
     result = stats.ttest_ind(by_label[b], by_label[a], equal_var=False)
     low, high = result.confidence_interval(0.95)
-    difference = statistics.mean(by_label[b]) - statistics.mean(by_label[a])
     return {"a": a, "b": b, "difference": difference, "ci95": [float(low), float(high)], "p": float(result.pvalue)}
+
+
+def _no_spread(groups: list[list[float]]) -> bool:
+    """Every run of every group at one value (four runs of AR 1/256, say): there is no
+    between-run variance to test against, and Welch's test would call any difference certain
+    (scipy: p = 0, a zero-width interval) although each run's own sampling error is not zero."""
+    return all(len(set(runs)) == 1 for runs in groups)
 
 
 def _pool(rows: list[dict], spec: str) -> dict:
@@ -111,14 +121,16 @@ def _pool(rows: list[dict], spec: str) -> dict:
     k = len(pairs)
     differences = [statistics.mean(by_label[b]) - statistics.mean(by_label[a]) for a, b in pairs]
     groups = [by_label[g] for pair in pairs for g in pair]
+    names = {"a": " + ".join(a for a, _ in pairs) + " (mean)", "b": " + ".join(b for _, b in pairs) + " (mean)"}
+    if _no_spread(groups):
+        return names | {"difference": statistics.mean(differences), "ci95": None, "p": None, "df": None}
     parts = [statistics.variance(runs) / len(runs) / k**2 for runs in groups]
     variance = sum(parts)
     df = variance**2 / sum(part**2 / (len(runs) - 1) for part, runs in zip(parts, groups))
     difference = statistics.mean(differences)
     half = float(stats.t.ppf(0.975, df)) * variance**0.5
     p = float(2 * stats.t.sf(abs(difference) / variance**0.5, df))
-    return {"a": " + ".join(a for a, _ in pairs) + " (mean)", "b": " + ".join(b for _, b in pairs) + " (mean)",
-            "difference": difference, "ci95": [difference - half, difference + half], "p": p, "df": df}
+    return names | {"difference": difference, "ci95": [difference - half, difference + half], "p": p, "df": df}
 
 
 if __name__ == "__main__":

@@ -127,6 +127,16 @@ def test_fid_over_unlearning_seeds_is_the_mean_of_runs_with_its_t_interval(tmp_p
                                      "--out", str(out)])  # fmt: skip
     script.main()
     assert json.loads(out.with_suffix(".json").read_text())["rows"][0]["ci95"] == [0.0, 0.0]
+    # Two groups without spread (every run at AR 0 against every run at 1/256): no between-run variance to
+    # test, so no interval and no p (Welch's test would give p = 0 and a zero-width interval).
+    for run in range(3):
+        (tmp_path / f"q-s{run}.eval.json").write_text(json.dumps({"model": f"q{run}", "forget_rate": 1 / 256}))
+    monkeypatch.setattr("sys.argv", ["x", "--metric", "forget_rate", "--group", f"z={tmp_path}/z-s*.eval.json", "--group",
+                                     f"q={tmp_path}/q-s*.eval.json", "--compare", "q,z", "--pool", "q,z", "--out", str(out)])  # fmt: skip
+    script.main()
+    for flat in json.loads(out.with_suffix(".json").read_text())["comparisons"]:
+        assert (flat["difference"], flat["ci95"], flat["p"]) == (-1 / 256, None, None)
+    assert "(no interval: every run of each group at one value) | n/a |" in out.with_suffix(".md").read_text()
     monkeypatch.setattr("sys.argv", [*argv[:-1], "m,z"])
     with pytest.raises(SystemExit, match="give two group labels"):
         script.main()
