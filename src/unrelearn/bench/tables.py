@@ -169,9 +169,9 @@ def dimra_table(cells: list[CellResult], made: str, models: list[dict[str, Any]]
         "alternative rate: share classified as the alternative class; FID in the detector's features against real "
         "training images of the retain classes; max AR: the highest AR any evaluated step of the DiMRA attack "
         "reached (worst case over the attack settings run). 95% bootstrap intervals. FID and KID come from one "
-        "set of generations each and carry no interval. FID also moves between unlearning runs of one method (on "
-        "digits, SalUn at 1,000 steps on zero: 69.8-103.0 over 5 seeds at 512 generations), so judge a quality "
-        "difference on several unlearning runs per method (benchmarks/fid_unlearn_seeds.py, docs/dimra/quality/)."), "", made, "",
+        "set of generations each and carry no interval. FID also moves between unlearning runs of one method "
+        "(the unlearning seed), so judge a quality difference on several runs per method "
+        "(benchmarks/fid_unlearn_seeds.py)."), "", made, "",
         "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
     ]  # fmt: skip
     for r in rows:
