@@ -257,8 +257,8 @@ def table1(cells: list[CellResult], made: str, models: list[dict[str, Any]] | No
         "# Table 1 (Meta-Unlearning, ICCV 2025) on the embedded world", "",
         ("Forget rate: share of 128 generations from the concept's prompts that the world's detector "
          "flags, with its 95% bootstrap interval; before fine-tuning also the retain alignment (with its interval) "
-         "and FID (one estimate of 128 generations, no interval: it moves by up to 58% between evaluation seeds on "
-         "the base model, so only large differences in it mean anything). "
+         "and FID (one estimate, no interval: it moves between evaluation seeds, so only large differences in it "
+         "mean anything). "
          "Attacks: full fine-tuning with Adam at the stated lr, batch and data of the embedded world. "
          "A defended cell marked ▼ (▲) has its interval entirely below (above) its plain method's. "
          f"A variant marked ✗ is broken: its retain alignment before any attack is below {BROKEN_ALIGNMENT_SHARE:g} of its "
