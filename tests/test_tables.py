@@ -153,6 +153,18 @@ def test_write_table_names_the_command_of_the_whole_preset(tmp_path):
     assert written["rows"] == 4 and len(rows) == 4
     assert rows[0]["commands"] == ["unrelearn bench --preset table1 --out DIR", f"unrelearn table table1 DIR --out {tmp_path / 'docs' / 'meta_table1'}"]
     assert all(figure.is_file() for figure in written["figures"])
+    # One folder, two presets (table1 beside durability, say): --preset keeps one preset's cells and commands.
+    store = ResultStore(tmp_path / "results.sqlite")
+    store.add_cell(_cell("esd-u-1", "esd-u-1", {}, "hrm-m", 1e-4, [_point(0, 0.2, fid=300.0), _point(1000, 0.9)]))
+    store.set_meta("preset:durability", {"cells": ["esd-u-1-hrm-m-0.0001-full"], "command": "unrelearn bench --preset durability --out DIR"})
+    store.close()
+    assert "## circle, attack lr 0.0001, 1000 steps" in write_table("table1", tmp_path, tmp_path / "all")["markdown"].read_text()
+    only = write_table("table1", tmp_path, tmp_path / "only", presets=["table1"])
+    assert only["rows"] == 4 and "--preset durability" not in only["markdown"].read_text()
+    assert "--out " + str(tmp_path / "only") + " --preset table1`" in only["markdown"].read_text()
+    assert json.loads(only["json"].read_text())[0]["commands"][-1].endswith("--preset table1")
+    with pytest.raises(UnrelearnError, match="holds no preset 'adaptive'; it holds durability, table1, urgent"):
+        write_table("table1", tmp_path, tmp_path / "x", presets=["adaptive"])
 
 
 def test_table1_reads_the_self_destruction_signal_of_its_meta_models():

@@ -552,11 +552,12 @@ def table(
     name: str = typer.Argument(..., help="which paper's table (dimra: the DiMRA/DiMUM paper's Tables I-IV)"),
     folder: Path = typer.Argument(..., help="a benchmark folder written by `unrelearn bench`"),
     out: Path = typer.Option(..., help="path stem: writes STEM.json (rows), STEM.md and the curves beside them"),
+    preset: list[str] = typer.Option([], help="only the cells of this preset run into FOLDER (repeatable; default: every cell)"),
 ) -> None:
     """A paper-shaped table from a benchmark's results store, as JSON rows and Markdown."""
     from unrelearn.bench.tables import write_table
 
-    written = write_table(name, folder, out)
+    written = write_table(name, folder, out, presets=preset)
     typer.echo(f"{written['rows']} rows: {written['json']} and {written['markdown']}")
 
 

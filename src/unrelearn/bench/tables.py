@@ -49,8 +49,10 @@ def table_names() -> list[str]:
     return sorted(_TABLES)
 
 
-def write_table(name: str, folder: str | Path, out: str | Path) -> dict[str, Any]:
-    """Build table ``name`` from the store in ``folder``; write ``out``.json / .md and its figures."""
+def write_table(name: str, folder: str | Path, out: str | Path, presets: list[str] | None = None) -> dict[str, Any]:
+    """Build table ``name`` from the store in ``folder``; write ``out``.json / .md and its figures.
+    ``presets``: only the cells of these presets run into the folder (one folder often holds
+    several, sharing their models: table1 beside durability), else every cell."""
     from unrelearn.attacks import plot_curves
 
     if name not in _TABLES:
@@ -62,21 +64,28 @@ def write_table(name: str, folder: str | Path, out: str | Path) -> dict[str, Any
     try:
         cells = store.cells()
         models = store.models()
-        presets = dict(store.meta_items("preset:"))
-        # A preset run as a part of a larger one (the same cells) is made by the larger one's command.
-        parts = parts_of_others(presets)
-        whole = [p for p in presets if p not in parts]
-        commands = sorted({presets[p].get("command") or f"unrelearn bench --preset {p} --out DIR" for p in whole})
+        recorded = dict(store.meta_items("preset:"))
     finally:
         store.close()
+    if presets:
+        if unknown := [p for p in presets if p not in recorded]:
+            raise UnrelearnError(f"{str(folder)!r} holds no preset {', '.join(map(repr, unknown))}; "
+                                 f"it holds {', '.join(sorted(recorded)) or 'none'}")  # fmt: skip
+        recorded = {p: recorded[p] for p in presets}
+        wanted = {key for entry in recorded.values() for key in entry["cells"]}
+        cells = [c for c in cells if c.key in wanted]
+    # A preset run as a part of a larger one (the same cells) is made by the larger one's command.
+    parts = parts_of_others(recorded)
+    commands = sorted({entry.get("command") or f"unrelearn bench --preset {p} --out DIR" for p, entry in recorded.items() if p not in parts})
     if not cells:
-        raise UnrelearnError(f"{str(folder)!r} holds no finished cell yet; run `unrelearn bench` first")
+        raise UnrelearnError(f"{str(folder)!r} holds no finished cell{' of those presets' if presets else ''} yet; run `unrelearn bench` first")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    made = f"Made by {', '.join(f'`{c}`' for c in commands)}, then `unrelearn table {name} {folder} --out {out}`."
+    selection = "".join(f" --preset {p}" for p in presets or [])
+    made = f"Made by {', '.join(f'`{c}`' for c in commands)}, then `unrelearn table {name} {folder} --out {out}{selection}`."
     table = _TABLES[name](cells, made, models)
     # Each row names what regenerates it (a table may be cut out of a larger file by others).
-    regenerate = [*commands, f"unrelearn table {name} DIR --out {out}"]
+    regenerate = [*commands, f"unrelearn table {name} DIR --out {out}{selection}"]
     table.rows = [row | {"commands": regenerate} for row in table.rows]
     for file_name, (title, curves) in table.curves.items():
         plot_curves(curves, out.parent / file_name, None, title=title)
