@@ -30,7 +30,7 @@ from unrelearn.io import write_json_atomic, write_text_atomic
 def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
     """The Student-t interval of the mean of ``values`` (needs two or more); identical values
     (every run at AR 0) give the point itself, where scipy's scale 0 would give NaN."""
-    if len(set(values)) == 1:
+    if _no_spread([values]):
         return float(values[0]), float(values[0])
     low, high = stats.t.interval(confidence, len(values) - 1, loc=statistics.mean(values), scale=stats.sem(values))
     return float(low), float(high)
