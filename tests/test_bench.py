@@ -323,6 +323,39 @@ def test_only_runs_the_named_contenders_first_and_records_the_whole_preset(unint
     assert wrong.returncode == 2 and "--only names contender(s) esd" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
+def test_a_committed_folder_without_its_weights_reports_and_resumes_in_a_clone(uninterrupted, tmp_path):
+    """The .gitignore bench writes keeps weights and checkpoints out of a commit: a clone holds
+    every result, draws the report, and a grown preset run in the clone unlearns the model whose
+    weights stayed behind again, to the same weights, without recomputing a finished cell."""
+    import shutil
+
+    preset, straight = uninterrupted
+    repo, clone = tmp_path / "repo", tmp_path / "clone"
+    shutil.copytree(straight, repo / "bench")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "-C", str(repo)]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "results"], check=True)
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    moved = clone / "bench"
+    assert list(straight.rglob("*.safetensors")) and not list(moved.rglob("*.safetensors"))
+    assert not list(moved.rglob(".*.lock")) and rows(moved) == rows(straight)
+    assert "| uce |" in write_report(moved)["markdown"].read_text()
+
+    grown = json.loads(preset.read_text())
+    grown["attacks"].append(grown["attacks"][0] | {"data": "hrm-m", "lr": 3e-4})
+    done = subprocess.run(bench_command(write_preset(tmp_path, grown), moved), env=ENV, capture_output=True, text=True,
+                          check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "6 cells: 4 finished before, 2 computed now" in done.stdout
+    assert "again: its weights are not in" in done.stderr and "warning" not in done.stderr
+    store = ResultStore(moved / "results.sqlite")
+    events = store.events()
+    store.close()
+    assert [what for _, what in events if what.startswith("unlearned again")] == ["unlearned again, same weights"]
+    assert {k: v for k, v in rows(moved).items() if k in rows(straight)} == rows(straight)
+
+
 def test_a_preset_run_as_a_part_of_another_shows_once(uninterrupted, tmp_path):
     import shutil
 

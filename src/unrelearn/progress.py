@@ -21,6 +21,13 @@ def stage(text: str, enabled: bool = True) -> None:
     tqdm.write(f"== {text}", file=sys.stderr)
 
 
+def warn(text: str) -> None:
+    """One line about a result the user must know of, printed also where progress is off."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"warning: {text}", file=sys.stderr)
+
+
 class _LogLines:
     def __init__(self, total: int, description: str, initial: int, lines: int) -> None:
         self.total, self.description, self.done = total, description, initial

@@ -269,9 +269,10 @@ def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curve
                 grids.append(Figure(grid, f"{model['contender']} before the attack"))
     if grids:
         blocks.append(Figures(grids))
-    trainings = [Figure(Path(m["path"]) / "training.png", f"{m['contender']}: training curves")
-                 for m in models.values() if m["concept"] == concept and (Path(m["path"]) / "training.png").is_file()
-                 and ":" in (m["spec"].get("method") or "")]  # fmt: skip
+    # Looked up in this folder, not at the path recorded when it ran: a benchmark folder can move.
+    trainings = [Figure(store.path.parent / "models" / key / "training.png", f"{m['contender']}: training curves")
+                 for key, m in models.items() if m["concept"] == concept and ":" in (m["spec"].get("method") or "")
+                 and (store.path.parent / "models" / key / "training.png").is_file()]  # fmt: skip
     if trainings:
         blocks.append(Paragraph("Training curves of the defended runs (for meta runs, `cos_ft_retain` is the gradient "
                                 "angle between relearning and the retained knowledge, the paper's Fig. 6)."))  # fmt: skip

@@ -36,10 +36,24 @@ from unrelearn.bench.grid import Cell, Contender, contender_rank, digest, expand
 from unrelearn.bench.search import Halving
 from unrelearn.bench.store import CellResult, ResultStore
 from unrelearn.errors import UnrelearnError
-from unrelearn.io import OutputBusy, ensure_writable_parent, library_versions, output_lock
-from unrelearn.progress import stage
+from unrelearn.io import OutputBusy, ensure_writable_parent, library_versions, output_lock, write_text_atomic
+from unrelearn.progress import stage, warn
+from unrelearn.training import parameter_digest
 
 GRID_SAMPLES = 16
+# What a benchmark folder keeps out of version control. The weights (unlearned models, attack
+# checkpoints) are caches a rerun in the folder remakes where a cell still needs them; the rest
+# is the result, small enough to commit or copy, and resumable on another machine.
+BENCH_GITIGNORE = """# Written by `unrelearn bench`: model weights and attack checkpoints are caches that a rerun
+# of the benchmark in this folder remakes where an unfinished cell needs them. The rest
+# (results.sqlite, run records, plots, image grids) is the result.
+*.safetensors
+*.checkpoint/
+results.sqlite-wal
+results.sqlite-shm
+.*
+!.gitignore
+"""
 # How often a search shard looks for the cells of other shards that its next rung depends on.
 SEARCH_POLL_SECONDS = 5.0
 
@@ -112,6 +126,8 @@ def run_bench(
     search = Halving(selected, halving) if halving is not None else None
     mine = shard(selected, index, count)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / ".gitignore").exists():
+        write_text_atomic(out / ".gitignore", BENCH_GITIGNORE)
     store = ResultStore(out / "results.sqlite")
     try:
         store.set_meta(f"preset:{preset['name']}", {"preset": preset, "cells": [c.key for c in cells], "command": command,
@@ -292,6 +308,27 @@ class _Runner:
         key = digest({"model": contender.key(concept), "concept": concept, "eval": eval_config.__dict__})
         return self._evaluated_once(key, contender.label, concept, compute)
 
+    def _unlearn_again(self, contender: Contender, concept: str, folder: Path, first: dict[str, Any]) -> None:
+        """A recorded model whose weights are not in the folder (they stay behind when a benchmark's
+        results are copied or committed): unlearned again, and a result that differs from the
+        first run's weights is said, since the finished cells attacked those."""
+        from unrelearn.assets import load_model
+        from unrelearn.methods import unlearn
+
+        stage(f"unlearning {concept!r} with {contender.method} ({contender.label}) again: its weights are not in "
+              f"{str(folder)!r}", self.progress)  # fmt: skip
+        model = load_model(contender.model, device=self.device)
+        unlearn(model, contender.method, concept, out=folder, overrides=contender.options, progress=self.progress)
+        digest_now, digest_then = parameter_digest(model.unet), first.get("weights_sha256")
+        if digest_then is not None and digest_now != digest_then:
+            message = (f"{contender.label} on {concept!r} unlearned again gave other weights than its first run "
+                       f"(sha256 {digest_now[:12]} against {digest_then[:12]}: another machine or library version); "
+                       "its finished cells attacked the first run's model")  # fmt: skip
+            self.store.log(contender.key(concept), f"unlearned again, weights differ: {message}")
+            warn(message)
+        else:
+            self.store.log(contender.key(concept), "unlearned again, same weights" if digest_then else "unlearned again")
+
     def model(self, contender: Contender, concept: str, eval_config: Any) -> Path:
         """The model this contender attacks: unlearned once into ``models/KEY``, reused by every cell."""
         from unrelearn.assets import load_model, model_path
@@ -299,14 +336,19 @@ class _Runner:
         from unrelearn.model import DiffusionModel
 
         key = contender.key(concept)
+        # Always this folder's models/KEY, not the path recorded when it ran: a benchmark folder
+        # can move (a copy on another machine, a committed folder without its weights).
         folder = self.out / "models" / key if contender.method else model_path(contender.model)
         with output_lock(self.out / "models" / f"{key}.entry", wait=True):
             found = self.store.model(key)
             if found is not None:
                 _check_settings(contender, concept, found["record"], found["path"])
-                return Path(found["path"])
+                if contender.method is None or _has_weights(folder):
+                    return folder
+                self._unlearn_again(contender, concept, folder, found["record"])
+                return folder
             record: dict[str, Any] = {"versions": library_versions()}
-            if contender.method and (folder / "run.json").is_file():  # unlearned before a kill, not yet recorded
+            if contender.method and (folder / "run.json").is_file() and _has_weights(folder):  # unlearned before a kill, not yet recorded
                 record = json.loads((folder / "run.json").read_text())
                 _check_settings(contender, concept, record, str(folder))
                 model = DiffusionModel.load(folder, device=self.device)
@@ -317,11 +359,19 @@ class _Runner:
                                  progress=self.progress)  # fmt: skip
             else:
                 model = load_model(contender.model, device=self.device)
+            if contender.method:
+                record["weights_sha256"] = parameter_digest(model.unet)
             _flagged_grid(model, concept, eval_config, self.out / "grids" / f"model-{key}.png",
                           f"{contender.label} before attack")  # fmt: skip
             self.store.add_model(key, concept, contender.label, contender.identity(concept) | {"oracle": contender.oracle},
                                  str(folder), record)  # fmt: skip
             return folder
+
+
+def _has_weights(folder: Path) -> bool:
+    """Whether a model folder holds its weights, not only the run record and plots that travel
+    with a benchmark's results."""
+    return (folder / "model_index.json").is_file() and any(folder.glob("unet/*.safetensors"))
 
 
 def _check_settings(contender: Contender, concept: str, record: dict[str, Any], path: str) -> None:
