@@ -356,6 +356,25 @@ def test_a_committed_folder_without_its_weights_reports_and_resumes_in_a_clone(u
     assert {k: v for k, v in rows(moved).items() if k in rows(straight)} == rows(straight)
 
 
+def test_a_model_unlearned_again_to_other_weights_is_said(tmp_path, capsys):
+    """Its finished cells attacked the first weights: a rerun that gets others must not pass silently."""
+    from unrelearn.bench.grid import Contender
+    from unrelearn.bench.run import _has_weights, _Runner
+    from unrelearn.evaluate import EvalConfig
+
+    store = ResultStore(tmp_path / "results.sqlite")
+    contender = Contender("uce", "builtin:shapes", "uce")
+    key = contender.key("circle")
+    # Recorded on another machine, at a path that does not exist here.
+    store.add_model(key, "circle", "uce", contender.identity("circle"), f"/elsewhere/models/{key}", {"weights_sha256": "0" * 64})
+    runner = _Runner(store, tmp_path, "builtin:shapes", "cpu", keep_models=False, progress=False)
+    folder = runner.model(contender, "circle", EvalConfig(samples=4, steps=2))
+    assert folder == tmp_path / "models" / key and _has_weights(folder)
+    assert "uce on 'circle' unlearned again gave other weights than its first run" in capsys.readouterr().err
+    assert [what.split(":")[0] for _, what in store.events()] == ["unlearned again, weights differ"]
+    store.close()
+
+
 def test_a_preset_run_as_a_part_of_another_shows_once(uninterrupted, tmp_path):
     import shutil
 
