@@ -529,6 +529,12 @@ def test_each_preset_shows_the_grids_and_training_curves_of_its_own_models_only(
     assert "meta:esd before the attack" in esd and "meta:esd: training curves" in esd
     assert "meta:uce before the attack" not in esd and "meta:uce: training curves" not in esd
     assert "meta:uce before the attack" in uce and "meta:esd" not in uce
+    # One preset's own report: its section, its cells' cost, and the command that draws it.
+    alone = write_report(tmp_path, tmp_path / "uce-only", presets=["only-meta:uce"])["markdown"].read_text()
+    assert "## Preset `only-meta:uce`" in alone and "only-meta:esd" not in alone and "cell-meta:esd" not in alone
+    assert "drawn by `unrelearn report DIR --preset only-meta:uce`" in alone and "`cell-meta:uce`" in alone
+    with pytest.raises(UnrelearnError, match="holds no preset 'durability'; it holds only-meta:esd, only-meta:uce"):
+        write_report(tmp_path, presets=["durability"])
 
 
 SEARCH = TINY | {

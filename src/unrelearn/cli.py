@@ -538,11 +538,12 @@ def bench(
 def report(
     folder: Path = typer.Argument(..., help="a benchmark folder written by `unrelearn bench`"),
     out: Path | None = typer.Option(None, help="where to write report.md, report.html and figures (default: FOLDER/report)"),
+    preset: list[str] = typer.Option([], help="only this preset's section (repeatable; default: every preset run into FOLDER)"),
 ) -> None:
     """Tables, durability curves, worst cases and image grids of a benchmark, as Markdown and one HTML page."""
     from unrelearn.bench.report import write_report
 
-    written = write_report(folder, out)
+    written = write_report(folder, out, preset)
     typer.echo(f"report written: {written['html']} and {written['markdown']}")
 
 

@@ -138,20 +138,29 @@ def _settings(cells: list[CellResult]) -> dict[str, dict[str, list[Setting]]]:
     return out
 
 
-def build_blocks(store: ResultStore, figures: Path) -> list[Block]:
+def build_blocks(store: ResultStore, figures: Path, selected: list[str] | None = None) -> list[Block]:
     """One section per preset run into the store, drawn from the cells that preset lists now (a
     preset rerun with other settings shows its new cells; the old ones stay in the store, reused
-    if those settings return)."""
+    if those settings return). ``selected``: these presets only (one folder holds table1 beside
+    durability, say, and each gets its own report)."""
     from unrelearn.attacks import plot_curves
 
     cells = {c.key: c for c in store.cells()}
-    presets = [(name, entry) for name, entry in store.meta_items("preset:") if any(k in cells for k in entry["cells"])]
+    recorded = dict(store.meta_items("preset:"))
+    if selected:
+        if unknown := [p for p in selected if p not in recorded]:
+            raise UnrelearnError(f"{str(store.path.parent)!r} holds no preset {', '.join(map(repr, unknown))}; "
+                                 f"it holds {', '.join(sorted(recorded)) or 'none'}")  # fmt: skip
+        recorded = {name: recorded[name] for name in selected}
+    presets = [(name, entry) for name, entry in recorded.items() if any(k in cells for k in entry["cells"])]
     if not presets:
-        raise UnrelearnError(f"{str(store.path)!r} holds no finished cell yet; run `unrelearn bench` first")
+        raise UnrelearnError(f"{str(store.path)!r} holds no finished cell{' of those presets' if selected else ''} yet; "
+                             "run `unrelearn bench` first")  # fmt: skip
     # A preset whose cells another one holds too (a part run first: a shard of the grid, the most
     # urgent rows) shows inside the larger one, not twice. A halving search prunes: its own section.
     parts = parts_of_others(dict(presets))
     presets = [(name, entry) for name, entry in presets if name not in parts]
+    drawn_by = "unrelearn report DIR" + "".join(f" --preset {name}" for name in selected or [])
     blocks: list[Block] = [Heading("unrelearn benchmark report", 1), Paragraph(
         "Forget rate: share of generations from prompts naming the concept in which the world's detector sees it, "
         "with its 95% bootstrap interval; a contender is relearned when the rate reaches half the original model's "
@@ -164,7 +173,7 @@ def build_blocks(store: ResultStore, figures: Path) -> list[Block]:
         command = entry.get("command") or f"unrelearn bench --preset {name} --out DIR"
         blocks.append(Heading(f"Preset `{name}`", 2))
         blocks.append(Paragraph(f"{entry['preset'].get('description', '')} {len(mine)} of {len(entry['cells'])} cells "
-                                f"finished. Made by `{command}`, drawn by `unrelearn report DIR`."))  # fmt: skip
+                                f"finished. Made by `{command}`, drawn by `{drawn_by}`."))  # fmt: skip
         search = store.meta(f"search:{name}") if entry.get("halving") is not None else None
         if search is not None:
             blocks += _search_blocks(search, contender_rank(entry["preset"]))
@@ -173,7 +182,8 @@ def build_blocks(store: ResultStore, figures: Path) -> list[Block]:
         own_models = {key: model for key, model in models.items() if key in attacked}
         for concept, by_attack in sorted(_settings(mine).items()):
             blocks += _concept_blocks(store, concept, by_attack, own_models, figures, plot_curves, contender_rank(entry["preset"]))
-    blocks += _environment_blocks(store, list(cells.values()))
+    shown = {key for _, entry in presets for key in entry["cells"]}
+    blocks += _environment_blocks(store, [cell for key, cell in cells.items() if key in shown])
     return blocks
 
 
@@ -405,7 +415,7 @@ def _html(blocks: list[Block]) -> str:
     return "\n".join(parts)
 
 
-def write_report(folder: str | Path, out: str | Path | None = None) -> dict[str, Path]:
+def write_report(folder: str | Path, out: str | Path | None = None, presets: list[str] | None = None) -> dict[str, Path]:
     folder = Path(folder)
     database = folder / "results.sqlite"
     if not database.is_file():
@@ -414,7 +424,7 @@ def write_report(folder: str | Path, out: str | Path | None = None) -> dict[str,
     (out / "figures").mkdir(parents=True, exist_ok=True)
     store = ResultStore(database)
     try:
-        blocks = build_blocks(store, out / "figures")
+        blocks = build_blocks(store, out / "figures", presets)
     finally:
         store.close()
     markdown, page = out / "report.md", out / "report.html"
