@@ -19,6 +19,7 @@ What it shows, per concept:
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import shutil
 import statistics
@@ -364,7 +365,9 @@ def _copy_figure(path: Path, out: Path) -> str:
     """Figures live beside the Markdown (in ``figures/``) so the folder can be moved or published."""
     if path.parent.resolve() == (out / "figures").resolve():
         return str(path.relative_to(path.parent.parent))
-    target = out / "figures" / f"{digest(str(path.resolve()))}-{path.name}"
+    # Named by content, not by where the benchmark folder lies: a report redrawn from a copy of
+    # the folder (a clone of a committed one) is the same text.
+    target = out / "figures" / f"{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}-{path.name}"
     shutil.copyfile(path, target)
     return str(target.relative_to(out))
 
