@@ -374,7 +374,14 @@ def test_a_model_unlearned_again_to_other_weights_is_said(tmp_path, capsys):
     assert folder == tmp_path / "models" / key and _has_weights(folder)
     assert "uce on 'circle' unlearned again gave other weights than its first run" in capsys.readouterr().err
     assert [what.split(":")[0] for _, what in store.events()] == ["unlearned again, weights differ"]
+    point = {"step": 0, "forget_rate": 0.1, "forget_rate_ci": [0.0, 0.2], "retain_alignment": None,
+             "retain_alignment_ci": None, "precision": None, "precision_ci": None, "fid": None, "kid": None, "kid_std": None}  # fmt: skip
+    store.add_cell(CellResult("c", "circle", "uce", "hrm-m", 0, {"contender": contender.identity("circle")},
+                              durability_summary([point], 0.5) | {"reference_forget_rate": 1.0}, [point], 1.0, "h"))  # fmt: skip
+    store.set_meta("preset:p", {"preset": {"contenders": [{"label": "uce"}]}, "cells": ["c"], "command": "by hand"})
     store.close()
+    # The report says so too: the cells of that model attacked two versions of it.
+    assert "to other weights than their first run's: uce on 'circle' unlearned again" in write_report(tmp_path)["markdown"].read_text()
 
 
 def test_a_preset_run_as_a_part_of_another_shows_once(uninterrupted, tmp_path):

@@ -338,6 +338,11 @@ def _environment_blocks(store: ResultStore, cells: list[CellResult]) -> list[Blo
         blocks.append(Paragraph(f"`{host}`: {environment.get('hardware', '')}; {versions}."))
     rows = [[c.concept, c.contender, c.attack, str(c.seed), f"{c.wall_seconds:.0f}", c.host, f"`{c.key}`"] for c in cells]
     blocks.append(Table(["concept", "contender", "attack", "seed", "wall s (this cell)", "host", "cell"], rows))
+    # A model unlearned again elsewhere to other weights: its cells mix two models, which a reader must know.
+    differ = sorted({what.partition(": ")[2] for _, what in store.events() if what.startswith("unlearned again, weights differ")})
+    if differ:
+        blocks.append(Paragraph("Models unlearned again where their weights had stayed behind, to other weights than "
+                                "their first run's: " + "; ".join(differ) + "."))  # fmt: skip
     return blocks
 
 
