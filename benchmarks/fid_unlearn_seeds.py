@@ -27,11 +27,12 @@ from scipy import stats
 from unrelearn.io import write_json_atomic, write_text_atomic
 
 
-def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
-    """The Student-t interval of the mean of ``values`` (needs two or more); identical values
-    (every run at AR 0) give the point itself, where scipy's scale 0 would give NaN."""
+def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """The Student-t interval of the mean of ``values`` (needs two or more); None for identical
+    values (every run at AR 0): no between-run spread to build it on, as for a comparison of two
+    such groups (scipy's scale 0 would give NaN, and the point itself would claim certainty)."""
     if _no_spread([values]):
-        return float(values[0]), float(values[0])
+        return None
     low, high = stats.t.interval(confidence, len(values) - 1, loc=statistics.mean(values), scale=stats.sem(values))
     return float(low), float(high)
 
@@ -64,11 +65,13 @@ def main() -> None:
                 sys.exit(f"error: {file} has no {args.samples}-sample entry; pass --samples {','.join(record['by_samples'])}")
             runs.append({"file": file, "model": record["model"], "value": statistics.mean(record["by_samples"][args.samples][args.metric])})
         values = [r["value"] for r in runs]
-        low, high = t_interval(values)
+        interval = t_interval(values)
         rows.append({"group": label, "metric": args.metric, "samples": int(args.samples), "runs": runs,
-                     "mean": statistics.mean(values), "ci95": [low, high], "min": min(values), "max": max(values)})
+                     "mean": statistics.mean(values), "ci95": list(interval) if interval else None, "min": min(values),
+                     "max": max(values)})  # fmt: skip
         per_run = ", ".join(f"{v:.4g}" for v in values)
-        lines.append(f"| {label} | {len(values)} | {per_run} | {statistics.mean(values):.4g} [{low:.4g}, {high:.4g}] |")
+        shown = f"[{interval[0]:.4g}, {interval[1]:.4g}]" if interval else "(no interval: every run at one value)"
+        lines.append(f"| {label} | {len(values)} | {per_run} | {statistics.mean(values):.4g} {shown} |")
     value_column = "forget rate per run" if args.metric == "forget_rate" else f"{args.metric.upper()} per run (mean of its evaluation seeds)"
     table = "\n".join([f"| group | runs | {value_column} | mean over runs [95% t-interval] |",
                        "|---|---|---|---|", *lines])

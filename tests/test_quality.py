@@ -120,13 +120,14 @@ def test_fid_over_unlearning_seeds_is_the_mean_of_runs_with_its_t_interval(tmp_p
     script.main()
     (rates,) = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["value"] for r in rates["runs"]] == [0.0, 0.25, 0.5] and abs(rates["mean"] - 0.25) < 1e-12
-    # Every run at the same value (all at AR 0): the interval is the point, not scipy's NaN.
+    # Every run at the same value (all at AR 0): no interval (not scipy's NaN, nor the point as if certain).
     for run in range(3):
         (tmp_path / f"z-s{run}.eval.json").write_text(json.dumps({"model": f"z{run}", "forget_rate": 0.0}))
     monkeypatch.setattr("sys.argv", ["x", "--metric", "forget_rate", "--group", f"z={tmp_path}/z-s*.eval.json",
                                      "--out", str(out)])  # fmt: skip
     script.main()
-    assert json.loads(out.with_suffix(".json").read_text())["rows"][0]["ci95"] == [0.0, 0.0]
+    assert json.loads(out.with_suffix(".json").read_text())["rows"][0]["ci95"] is None
+    assert "| z | 3 | 0, 0, 0 | 0 (no interval: every run at one value) |" in out.with_suffix(".md").read_text()
     # Two groups without spread (every run at AR 0 against every run at 1/256): no between-run variance to
     # test, so no interval and no p (Welch's test would give p = 0 and a zero-width interval).
     for run in range(3):
