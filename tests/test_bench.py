@@ -290,14 +290,15 @@ def test_the_report_shows_the_stored_numbers_tables_and_images(uninterrupted, tm
 def test_list_groups_cells_by_contender_and_counts_the_finished_ones(uninterrupted, tmp_path):
     preset, finished = uninterrupted
     fresh = list_bench(str(preset), tmp_path / "nothing-run")
-    body = [line.split(None, 2) for line in fresh[:-2]]
+    body = [line.split(None, 2) for line in fresh[:-3]]
     assert [status for _, status, _ in body] == ["pending"] * 4
     # The preset's order (uce, then the oracle), attacks alphabetical within a contender.
     assert [what.split(" | ")[1:3] for _, _, what in body] == [
         ["uce", "clean full adam lr=0.0001 3 steps"], ["uce", "hrm-m full adam lr=0.0001 3 steps"],
         ["oracle", "clean full adam lr=0.0001 3 steps"], ["oracle", "hrm-m full adam lr=0.0001 3 steps"],
     ]  # fmt: skip
-    assert fresh[-2:] == ["finished by contender: uce 0/2, oracle 0/2", "4 cells, 0 finished"]
+    assert fresh[-3:] == ["finished by contender: uce 0/2, oracle 0/2", "4 cells, 0 finished",
+                          "models the pending cells attack: 0 in this folder, 1 to unlearn"]  # fmt: skip
     done = list_bench(str(preset), finished)
     assert [line.split()[1] for line in done[:-2]] == ["done"] * 4
     assert done[-2:] == ["finished by contender: uce 2/2, oracle 2/2", "4 cells, 4 finished"]
@@ -346,8 +347,10 @@ def test_a_committed_folder_without_its_weights_reports_and_resumes_in_a_clone(u
 
     grown = json.loads(preset.read_text())
     grown["attacks"].append(grown["attacks"][0] | {"data": "hrm-m", "lr": 3e-4})
-    done = subprocess.run(bench_command(write_preset(tmp_path, grown), moved), env=ENV, capture_output=True, text=True,
-                          check=False)  # fmt: skip
+    grown_path = write_preset(tmp_path, grown)
+    assert list_bench(str(grown_path), moved)[-1] == "models the pending cells attack: 0 in this folder, 1 to unlearn " \
+                                                      "(1 again: recorded here, their weights are not)"
+    done = subprocess.run(bench_command(grown_path, moved), env=ENV, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert "6 cells: 4 finished before, 2 computed now" in done.stdout
     assert "again: its weights are not in" in done.stderr and "warning" not in done.stderr

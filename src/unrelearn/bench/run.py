@@ -439,9 +439,10 @@ def list_bench(
     preset = load_preset(preset_name)
     cells = expand(preset | {"model": model} if model is not None else preset, oracles)
     done: set[str] = set()
+    recorded: set[str] = set()
     if (Path(out) / "results.sqlite").is_file():
         store = ResultStore(Path(out) / "results.sqlite")
-        done = store.finished_keys()
+        done, recorded = store.finished_keys(), {m["key"] for m in store.models()}
         store.close()
     concepts = {concept: i for i, concept in enumerate(preset["concepts"])}
     rank = contender_rank(preset)
@@ -452,6 +453,14 @@ def list_bench(
     finished = Counter(c.contender.label for c in cells if c.key in done)
     lines.append("finished by contender: " + ", ".join(f"{label} {finished[label]}/{total[label]}" for label in sorted(total, key=rank)))
     lines.append(f"{len(cells)} cells, {sum(c.key in done for c in cells)} finished")
+    # What resuming costs before any attack: a folder copied or committed without its weights
+    # unlearns again the models its pending cells attack.
+    needed = {c.contender.key(c.concept) for c in cells if c.key not in done and c.contender.method}
+    present = {key for key in needed if _has_weights(Path(out) / "models" / key)}
+    if needed:
+        again = len((needed - present) & recorded)
+        lines.append(f"models the pending cells attack: {len(present)} in this folder, {len(needed) - len(present)} to unlearn"
+                     + (f" ({again} again: recorded here, their weights are not)" if again else ""))  # fmt: skip
     if halving is not None:
         (steps, evaluations), (all_steps, all_evaluations) = Halving(cells, halving).cost()
         lines.append(f"search (halving, eta {halving}): from {steps:,} attack steps and {evaluations:,} evaluations "
