@@ -280,6 +280,11 @@ def test_the_report_shows_the_stored_numbers_tables_and_images(uninterrupted, tm
         assert f"{first['forget_rate']:.3f} [{lo:.3f}, {hi:.3f}]" in markdown
         assert cell.attack in markdown and cell.key in page
     assert "Worst case over attack settings" in markdown and "| oracle |" in markdown
+    # Every number with its interval: the worst-case table's alignment before the attack too.
+    worst = markdown.split("#### Worst case over attack settings")[1].split("####")[0]
+    start = next(p for p in cells[0].points if p["step"] == 0)
+    alignment = f"{start['retain_alignment']:.3f} [{start['retain_alignment_ci'][0]:.3f}, {start['retain_alignment_ci'][1]:.3f}] |"
+    assert "retain alignment before [95% CI]" in worst and alignment in worst
     # Self-contained: every image inline, no file reference left in the page.
     assert page.count("<table>") >= 4 and page.count('src="data:image/png;base64,') >= 7
     assert 'src="' not in page.replace('src="data:image/png;base64,', "")
@@ -499,10 +504,10 @@ def test_the_report_averages_seeds_and_shows_their_range_and_the_worst_case(tmp_
     markdown = write_report(tmp_path)["markdown"].read_text()
     assert "| esd | 0.600 [0.500, 0.700] |" in markdown.replace("0.100 [0.100, 0.100] | ", "")  # seeds 0.5, 0.7
     assert "forget rate, mean over seeds [0, 1] [range of the seeds]" in markdown
-    assert "| esd | 0.900 [0.800, 1.000] | hrm-m lr=1e-3, seed 0, step 100 | 0/3 | 100 | 0.900 |" in markdown
-    assert "| oracle | 0.200 [0.100, 0.300] | hrm-m lr=1e-4, seed 0, step 100 | 1/1 | never | 0.900 |" in markdown
+    assert "| esd | 0.900 [0.800, 1.000] | hrm-m lr=1e-3, seed 0, step 100 | 0/3 | 100 | 0.900 [0.800, 1.000] |" in markdown
+    assert "| oracle | 0.200 [0.100, 0.300] | hrm-m lr=1e-4, seed 0, step 100 | 1/1 | never | 0.900 [0.800, 1.000] |" in markdown
     # The lowest worst case belongs to a model that also lost the retained prompts: flagged, not praised.
-    assert "| wrecked ✗ | 0.100 [0.000, 0.200] | hrm-m lr=1e-4, seed 0, step 100 | 1/1 | never | 0.400 |" in markdown
+    assert "| wrecked ✗ | 0.100 [0.000, 0.200] | hrm-m lr=1e-4, seed 0, step 100 | 1/1 | never | 0.400 [0.800, 1.000] |" in markdown
     assert "below 0.5 of the oracle's (0.900)" in markdown
     # AUC of 0.1 -> 0.5 and 0.1 -> 0.7 (trapezoids over 100 steps), averaged: (0.3 + 0.4) / 2
     assert "| 100, 100 | 0.350 |" in markdown

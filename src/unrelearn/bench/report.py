@@ -221,8 +221,9 @@ def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curve
     worst_by_contender: dict[str, list[Setting]] = defaultdict(list)
     for setting in every:
         worst_by_contender[setting.contender].append(setting)
-    alignment_before = {contender: start["retain_alignment"] for contender, settings in worst_by_contender.items()
-                        if (start := next((p for p in settings[0].cells[0].points if p["step"] == 0), None))}  # fmt: skip
+    starts = {contender: start for contender, settings in worst_by_contender.items()
+              if (start := next((p for p in settings[0].cells[0].points if p["step"] == 0), None))}  # fmt: skip
+    alignment_before = {contender: start["retain_alignment"] for contender, start in starts.items()}
     # A contender that forgot the retained prompts too "holds" every attack: flag it against the oracle's quality.
     oracle_alignment = next((alignment_before.get(c) for c, s in worst_by_contender.items() if s[0].oracle), None)
     broken = {c for c, value in alignment_before.items() if oracle_alignment is not None and value is not None
@@ -242,11 +243,11 @@ def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curve
             f"{cell.attack}, seed {cell.seed}, step {cell.summary['max_at_step']}",
             f"{held}/{total}",
             _steps(min(relearned) if relearned else None),
-            _rate(alignment_before.get(contender)),
+            _rate(alignment_before[contender], starts[contender]["retain_alignment_ci"]) if contender in starts else "n/a",
         ])  # fmt: skip
     blocks.append(Heading("Worst case over attack settings", 4))
     blocks.append(Table(["contender", "worst forget rate [95% CI]", "reached under", "settings held", "fastest relearn (steps)",
-                         "retain alignment before"], rows))  # fmt: skip
+                         "retain alignment before [95% CI]"], rows))  # fmt: skip
     if broken:
         blocks.append(Paragraph(f"✗: retain alignment before any attack below {BROKEN_ALIGNMENT_SHARE:g} of the oracle's "
                                 f"({oracle_alignment:.3f}): a broken model, whose low forget rates are not durability."))  # fmt: skip
