@@ -440,6 +440,20 @@ def test_bench_cli_errors_are_one_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+COMMITTED_BENCH = Path(__file__).parents[1] / "docs" / "bench" / "shapes"
+
+
+@pytest.mark.parametrize("preset", ["durability"])
+def test_a_committed_report_is_what_its_committed_results_draw(preset, tmp_path):
+    """docs/bench/shapes is a benchmark folder committed without its weights: each report in it,
+    redrawn from its store elsewhere, is the committed text, so no number in it was edited by hand."""
+    import shutil
+
+    folder = shutil.copytree(COMMITTED_BENCH, tmp_path / "shapes", ignore=shutil.ignore_patterns(preset))
+    redrawn = write_report(folder, tmp_path / preset, presets=[preset])["markdown"].read_text()
+    assert redrawn == (COMMITTED_BENCH / preset / "report.md").read_text()
+
+
 def test_the_report_renders_in_a_real_browser_with_its_tables_and_images(uninterrupted, tmp_path):
     """Debian's headless Chromium (installed by `make test` where missing) loads the page: every
     table is there and every image decodes."""
