@@ -523,8 +523,8 @@ def test_the_report_averages_seeds_and_shows_their_range_and_the_worst_case(tmp_
     # The lowest worst case belongs to a model that also lost the retained prompts: flagged, not praised.
     assert "| wrecked ✗ | 0.100 [0.000, 0.200] | hrm-m lr=1e-4, seed 0, step 100 | 1/1 | never | 0.400 [0.800, 1.000] |" in markdown
     assert "below 0.5 of the oracle's (0.900)" in markdown
-    # AUC of 0.1 -> 0.5 and 0.1 -> 0.7 (trapezoids over 100 steps), averaged: (0.3 + 0.4) / 2
-    assert "| 100, 100 | 0.350 |" in markdown
+    # AUC of 0.1 -> 0.5 and 0.1 -> 0.7 (trapezoids over 100 steps), averaged: (0.3 + 0.4) / 2, with the seeds' range
+    assert "| 100, 100 | 0.350 [0.300, 0.400] |" in markdown
 
 
 def test_each_preset_shows_the_grids_and_training_curves_of_its_own_models_only(tmp_path):

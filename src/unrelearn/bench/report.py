@@ -75,6 +75,12 @@ def _rate(value: float | None, interval: list[float] | tuple[float, float] | Non
     return format(value, spec) + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval is not None and interval[0] is not None else "")
 
 
+def _auc(values: list[float]) -> str:
+    """The mean area under the curve over seeds, with their range where there are several."""
+    mean = statistics.fmean(values)
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
 def _mean(values: list[float | None]) -> float | None:
     return None if any(v is None for v in values) else statistics.fmean(values)  # type: ignore[arg-type]
 
@@ -305,12 +311,14 @@ def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curve
             rows.append(
                 [s.contender]
                 + [_rate(by_step[t]["forget_rate"], by_step[t]["forget_rate_ci"]) if t in by_step else "-" for t in steps]
-                + [", ".join(_steps(r) for r in relearn), f"{statistics.fmean(c.summary['auc'] for c in s.cells):.3f}",
-                   _rate(by_step[steps[-1]]["retain_alignment"]) if steps[-1] in by_step else "-",
-                   _rate(by_step[steps[-1]]["precision"]) if steps[-1] in by_step else "-"]
+                + [", ".join(_steps(r) for r in relearn), _auc([c.summary["auc"] for c in s.cells]),
+                   _rate(by_step[steps[-1]]["retain_alignment"], by_step[steps[-1]]["retain_alignment_ci"]) if steps[-1] in by_step else "-",
+                   _rate(by_step[steps[-1]]["precision"], by_step[steps[-1]]["precision_ci"]) if steps[-1] in by_step else "-"]
             )  # fmt: skip
         blocks.append(Paragraph(f"Rows: {note} after each number of attack steps; steps-to-relearn per seed; "
-                                "AUC: area under the forget-rate curve over the attack, normalised to 1."))  # fmt: skip
+                                "AUC: area under the forget-rate curve over the attack, normalised to 1 (one value per "
+                                "attack run: with one seed it has no interval, with several the range of the seeds); "
+                                "retain alignment and precision at the last evaluated step."))  # fmt: skip
         blocks.append(Table(["contender", *[f"step {t}" for t in steps], "steps to relearn", "AUC",
                              "retain alignment (last)", "precision (last)"], rows))  # fmt: skip
         curve = figures / f"curve-{digest([concept, attack])}.png"
