@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from unrelearn.bench.grid import contender_rank, digest
-from unrelearn.bench.store import CellResult, ResultStore, parts_of_others
+from unrelearn.bench.store import CellResult, ResultStore, parts_of_others, select_presets
 from unrelearn.bench.tables import BROKEN_ALIGNMENT_SHARE
 from unrelearn.errors import UnrelearnError
 from unrelearn.io import write_text_atomic
@@ -153,12 +153,7 @@ def build_blocks(store: ResultStore, figures: Path, selected: list[str] | None =
     from unrelearn.attacks import plot_curves
 
     cells = {c.key: c for c in store.cells()}
-    recorded = dict(store.meta_items("preset:"))
-    if selected:
-        if unknown := [p for p in selected if p not in recorded]:
-            raise UnrelearnError(f"{str(store.path.parent)!r} holds no preset {', '.join(map(repr, unknown))}; "
-                                 f"it holds {', '.join(sorted(recorded)) or 'none'}")  # fmt: skip
-        recorded = {name: recorded[name] for name in selected}
+    recorded = select_presets(dict(store.meta_items("preset:")), selected, store.path.parent)
     presets = [(name, entry) for name, entry in recorded.items() if any(k in cells for k in entry["cells"])]
     if not presets:
         raise UnrelearnError(f"{str(store.path)!r} holds no finished cell{' of those presets' if selected else ''} yet; "

@@ -308,17 +308,21 @@ class _Runner:
         key = digest({"model": contender.key(concept), "concept": concept, "eval": eval_config.__dict__})
         return self._evaluated_once(key, contender.label, concept, compute)
 
+    def _unlearn(self, contender: Contender, concept: str, folder: Path, why: str = "") -> tuple[Any, dict[str, Any]]:
+        """The base model unlearned into ``folder`` (resuming its checkpoint), and the run's record."""
+        from unrelearn.assets import load_model
+        from unrelearn.methods import unlearn
+
+        stage(f"unlearning {concept!r} with {contender.method} ({contender.label}){why}", self.progress)
+        model = load_model(contender.model, device=self.device)
+        record = unlearn(model, contender.method, concept, out=folder, overrides=contender.options, progress=self.progress)
+        return model, record
+
     def _unlearn_again(self, contender: Contender, concept: str, folder: Path, first: dict[str, Any]) -> None:
         """A recorded model whose weights are not in the folder (they stay behind when a benchmark's
         results are copied or committed): unlearned again, and a result that differs from the
         first run's weights is said, since the finished cells attacked those."""
-        from unrelearn.assets import load_model
-        from unrelearn.methods import unlearn
-
-        stage(f"unlearning {concept!r} with {contender.method} ({contender.label}) again: its weights are not in "
-              f"{str(folder)!r}", self.progress)  # fmt: skip
-        model = load_model(contender.model, device=self.device)
-        unlearn(model, contender.method, concept, out=folder, overrides=contender.options, progress=self.progress)
+        model, _ = self._unlearn(contender, concept, folder, f" again: its weights are not in {str(folder)!r}")
         digest_now, digest_then = parameter_digest(model.unet), first.get("weights_sha256")
         if digest_then is not None and digest_now != digest_then:
             message = (f"{contender.label} on {concept!r} unlearned again gave other weights than its first run "
@@ -332,7 +336,6 @@ class _Runner:
     def model(self, contender: Contender, concept: str, eval_config: Any) -> Path:
         """The model this contender attacks: unlearned once into ``models/KEY``, reused by every cell."""
         from unrelearn.assets import load_model, model_path
-        from unrelearn.methods import unlearn
         from unrelearn.model import DiffusionModel
 
         key = contender.key(concept)
@@ -353,10 +356,7 @@ class _Runner:
                 _check_settings(contender, concept, record, str(folder))
                 model = DiffusionModel.load(folder, device=self.device)
             elif contender.method:
-                stage(f"unlearning {concept!r} with {contender.method} ({contender.label})", self.progress)
-                model = load_model(contender.model, device=self.device)
-                record = unlearn(model, contender.method, concept, out=folder, overrides=contender.options,
-                                 progress=self.progress)  # fmt: skip
+                model, record = self._unlearn(contender, concept, folder)
             else:
                 model = load_model(contender.model, device=self.device)
             if contender.method:

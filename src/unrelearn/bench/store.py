@@ -300,3 +300,14 @@ def parts_of_others(presets: dict[str, dict[str, Any]]) -> set[str]:
     grids = {name: set(entry["cells"]) for name, entry in presets.items() if entry.get("halving") is None}
     return {name for name, entry in presets.items()
             if any(other != name and set(entry["cells"]) < cells for other, cells in grids.items())}  # fmt: skip
+
+
+def select_presets(recorded: dict[str, dict[str, Any]], names: list[str] | None, folder: str | Path) -> dict[str, dict[str, Any]]:
+    """The presets of ``recorded`` named in ``names`` (every one where none is named); a name the
+    folder does not hold is one error line listing those it does."""
+    if not names:
+        return recorded
+    if unknown := [name for name in names if name not in recorded]:
+        raise UnrelearnError(f"{str(folder)!r} holds no preset {', '.join(map(repr, unknown))}; "
+                             f"it holds {', '.join(sorted(recorded)) or 'none'}")  # fmt: skip
+    return {name: recorded[name] for name in names}

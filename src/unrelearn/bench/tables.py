@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from unrelearn.bench.grid import digest
-from unrelearn.bench.store import CellResult, ResultStore, parts_of_others
+from unrelearn.bench.store import CellResult, ResultStore, parts_of_others, select_presets
 from unrelearn.errors import UnrelearnError
 from unrelearn.io import write_text_atomic
 from unrelearn.metrics import curve_maximum
@@ -68,10 +68,7 @@ def write_table(name: str, folder: str | Path, out: str | Path, presets: list[st
     finally:
         store.close()
     if presets:
-        if unknown := [p for p in presets if p not in recorded]:
-            raise UnrelearnError(f"{str(folder)!r} holds no preset {', '.join(map(repr, unknown))}; "
-                                 f"it holds {', '.join(sorted(recorded)) or 'none'}")  # fmt: skip
-        recorded = {p: recorded[p] for p in presets}
+        recorded = select_presets(recorded, presets, folder)
         wanted = {key for entry in recorded.values() for key in entry["cells"]}
         cells = [c for c in cells if c.key in wanted]
     # A preset run as a part of a larger one (the same cells) is made by the larger one's command.
