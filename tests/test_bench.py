@@ -16,7 +16,7 @@ import pytest
 
 from unrelearn.bench.grid import expand, load_preset, parse_shard, preset_names, shard
 from unrelearn.bench.report import write_report
-from unrelearn.bench.run import durability_summary, list_bench
+from unrelearn.bench.run import durability_summary, list_bench, run_bench
 from unrelearn.bench.store import CellResult, ResultStore
 from unrelearn.errors import UnrelearnError
 
@@ -702,3 +702,19 @@ def test_two_shards_searching_at_once_find_what_one_process_finds(searched, tmp_
     for store in stores:
         store.close()
     assert len(started) == 6 + len(rows(straight)) and len(set(started)) == 6  # each pause and each completion once
+
+
+def test_concept_runs_one_concepts_cells_and_records_the_whole_preset(tmp_path):
+    """--concept with --only is one job per model: its cells only, the preset recorded whole."""
+    preset = write_preset(tmp_path, TINY | {"concepts": ["circle", "striped"],
+                                            "attacks": [TINY["attacks"][0] | {"data": ["clean"]}]})  # fmt: skip
+    out = tmp_path / "bench"
+    summary = run_bench(str(preset), out, concepts=["striped"], only=["oracle"], progress=False)
+    assert (summary.cells, summary.computed) == (4, 1)
+    store = ResultStore(out / "results.sqlite")
+    (_, entry), = store.meta_items("preset:")
+    assert [(c.concept, c.contender) for c in store.cells()] == [("striped", "oracle")] and len(entry["cells"]) == 4
+    store.close()
+    wrong = subprocess.run(bench_command(preset, out, "--concept", "square,circle"), env=ENV, capture_output=True, text=True,
+                           check=False)  # fmt: skip
+    assert wrong.returncode == 2 and "--concept names concept(s) square" in wrong.stderr and "Traceback" not in wrong.stderr

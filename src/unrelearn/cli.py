@@ -472,15 +472,15 @@ def concepts(
 
 
 def _without_scheduling(arguments: list[str]) -> list[str]:
-    """The command that makes the whole preset: --shard and --only say which part of it one
-    process runs, not what the results are."""
+    """The command that makes the whole preset: --shard, --only and --concept say which part of
+    it one process runs, not what the results are."""
     kept, skip = [], False
     for argument in arguments:
         if skip:
             skip = False
-        elif argument in ("--shard", "--only"):
+        elif argument in ("--shard", "--only", "--concept"):
             skip = True
-        elif not argument.startswith(("--shard=", "--only=")):
+        elif not argument.startswith(("--shard=", "--only=", "--concept=")):
             kept.append(argument)
     return kept
 
@@ -500,6 +500,8 @@ def bench(
                                        "not clearly weaker continue"),
     only: str | None = typer.Option(None, help="LABEL,...: run only these contenders' cells now (the urgent rows first); "
                                     "the preset is recorded whole, run again without --only for the rest"),
+    concept: str | None = typer.Option(None, help="NAME,...: run only these concepts' cells now (with --only: one job per "
+                                       "model's cells); the preset is recorded whole"),
     device: str | None = typer.Option(None, help=DEVICE_HELP),
 ) -> None:
     """Run a grid of unlearning methods and defences against attacks into OUT (resumable, shardable).
@@ -528,8 +530,11 @@ def bench(
     labels = [label.strip() for label in only.split(",") if label.strip()] if only is not None else None
     if labels == []:
         raise UnrelearnError("--only names no contender; give labels as the preset spells them (`--list` shows them)")
+    concepts = [name.strip() for name in concept.split(",") if name.strip()] if concept is not None else None
+    if concepts == []:
+        raise UnrelearnError("--concept names no concept; give them as the preset spells them (`--list` shows them)")
     summary = run_bench(preset, out, shard, oracles, device=_device(device), keep_models=keep_models, command=command, model=model,
-                        halving=halving, only=labels)  # fmt: skip
+                        halving=halving, only=labels, concepts=concepts)  # fmt: skip
     typer.echo(describe(summary))
 
 

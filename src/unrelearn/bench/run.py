@@ -102,12 +102,13 @@ def run_bench(
     model: str | None = None,
     halving: int | None = None,
     only: list[str] | None = None,
+    concepts: list[str] | None = None,
 ) -> BenchSummary:
     """Run the cells of ``preset_name`` (a preset's name or a preset dict) into ``out``; ``model``
     replaces the preset's model (a preset for Stable Diffusion names none: the user's folder).
     ``halving`` (eta): search the worst case by successive halving instead of running every
     cell to its end (:mod:`unrelearn.bench.search`). ``only``: this run computes the cells of
-    these contender labels; the preset is recorded whole."""
+    these contender labels; ``concepts``: of these concepts; the preset is recorded whole."""
     out = Path(out)
     ensure_writable_parent(out)
     index, count = parse_shard(shard_text)
@@ -122,6 +123,11 @@ def run_bench(
             raise UnrelearnError(f"--only names contender(s) {', '.join(unknown)} the preset does not have; "
                                  f"its labels: {', '.join(sorted(labels))}")  # fmt: skip
         selected = [c for c in cells if c.contender.label in only]
+    if concepts is not None:
+        if unknown := sorted(set(concepts) - {c.concept for c in cells}):
+            raise UnrelearnError(f"--concept names concept(s) {', '.join(unknown)} the preset does not have; "
+                                 f"its concepts: {', '.join(preset['concepts'])}")  # fmt: skip
+        selected = [c for c in selected if c.concept in concepts]
     # A search over the selected contenders only: it would otherwise wait for the others' rungs.
     search = Halving(selected, halving) if halving is not None else None
     mine = shard(selected, index, count)
