@@ -377,7 +377,7 @@ def test_a_model_unlearned_again_to_other_weights_is_said(tmp_path, capsys):
     key = contender.key("circle")
     # Recorded on another machine, at a path that does not exist here.
     store.add_model(key, "circle", "uce", contender.identity("circle"), f"/elsewhere/models/{key}", {"weights_sha256": "0" * 64})
-    runner = _Runner(store, tmp_path, "builtin:shapes", "cpu", keep_models=False, progress=False)
+    runner = _Runner(store, tmp_path, "builtin:shapes", "cpu", keep_models=False, progress=False, machine="here")
     folder = runner.model(contender, "circle", EvalConfig(samples=4, steps=2))
     assert folder == tmp_path / "models" / key and _has_weights(folder)
     assert "uce on 'circle' unlearned again gave other weights than its first run" in capsys.readouterr().err
@@ -718,3 +718,73 @@ def test_concept_runs_one_concepts_cells_and_records_the_whole_preset(tmp_path):
     wrong = subprocess.run(bench_command(preset, out, "--concept", "square,circle"), env=ENV, capture_output=True, text=True,
                            check=False)  # fmt: skip
     assert wrong.returncode == 2 and "--concept names concept(s) square" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+GROWN = TINY | {"attacks": [TINY["attacks"][0] | {"data": ["hrm-m", "clean", "hrm-s"]}]}
+
+
+@pytest.fixture(scope="module")
+def continued_elsewhere(uninterrupted, tmp_path_factory):
+    """The tiny grid's folder, grown by one oracle cell on another machine of the same host name
+    (a lent GPU machine and the CPU one were both "vm")."""
+    import shutil
+
+    import unrelearn.bench.run as run_module
+
+    _, straight = uninterrupted
+    folder = tmp_path_factory.mktemp("elsewhere")
+    out = shutil.copytree(straight, folder / "bench")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_module, "_hardware", lambda device: "x86_64 Linux, 16 CPU cores, NVIDIA H200, device cuda")
+        run_bench(str(write_preset(folder, GROWN)), out, only=["oracle"], progress=False)
+    return out
+
+
+def test_cells_run_on_two_machines_of_one_host_name_keep_their_own_environment(continued_elsewhere, tmp_path):
+    """Each cell names the machine it ran on, and the folder keeps both machines' records."""
+    store = ResultStore(continued_elsewhere / "results.sqlite")
+    environments = dict(store.meta_items("environment:"))
+    hosts = {(c.contender, c.attack.split()[0]): c.host for c in store.cells()}
+    models = {m["contender"]: m["record"] for m in store.models()}
+    store.close()
+    here, there = hosts[("uce", "clean")], hosts[("oracle", "hrm-s")]
+    assert len(environments) == 2 and here != there and hosts[("oracle", "clean")] == here
+    assert "H200" in environments[there]["hardware"] and "H200" not in environments[here]["hardware"]
+    assert models["uce"]["machine"] == here
+    markdown = Path(write_report(continued_elsewhere, tmp_path / "report")["markdown"]).read_text()
+    assert f"`{there}`: x86_64 Linux, 16 CPU cores, NVIDIA H200" in markdown and f"`{here}`: " in markdown
+
+
+def test_merge_brings_another_machines_cells_into_a_folder_and_overwrites_nothing(uninterrupted, continued_elsewhere, tmp_path):
+    """Shards on machines without a shared file system: each runs into its own folder, merge joins them."""
+    import shutil
+
+    from unrelearn.bench.merge import merge_folders
+    from unrelearn.io import output_lock
+
+    _, straight = uninterrupted
+    here = shutil.copytree(straight, tmp_path / "here")
+    there = shutil.copytree(continued_elsewhere, tmp_path / "there")
+    new = (set(rows(there)) - set(rows(here))).pop()
+    with output_lock(here / "cells" / f"{new}.claim"):  # being computed here right now: left out
+        assert (merge_folders(there, here).busy, set(rows(here))) == ([new], set(rows(straight)))
+    summary = merge_folders(there, here)
+    assert (summary.cells, summary.already, summary.differing, summary.busy) == (1, 4, [], [])
+    assert rows(here) == rows(there)
+    assert (here / "cells" / new / "curve.json").is_file() and (here / "grids" / f"cell-{new}.png").is_file()
+    assert "6 cells, 5 finished" in list_bench(str(write_preset(tmp_path, GROWN)), here)
+    # Again: nothing to do. Into an empty folder: everything, models and evaluations with it.
+    assert (merge_folders(there, here).cells, merge_folders(there, tmp_path / "empty").cells) == (0, 5)
+    assert rows(tmp_path / "empty") == rows(there)
+    # A cell both computed, to other results, and a model with other weights: this folder's kept, both said.
+    with sqlite3.connect(there / "results.sqlite") as db:
+        db.execute("UPDATE points SET forget_rate = 0.5 WHERE cell = ? AND step = 3", (new,))
+        db.execute("UPDATE models SET record = json_set(record, '$.weights_sha256', ?) WHERE contender = 'uce'", ("f" * 64,))
+    summary = merge_folders(there, here)
+    assert summary.differing == [new] and rows(here)[new] != rows(there)[new]
+    assert len(summary.other_weights) == 1 and "ffffffffffff" in summary.other_weights[0]
+    markdown = Path(write_report(here, tmp_path / "report")["markdown"]).read_text()
+    assert "Cells merged from another folder whose model had other weights there: uce on 'circle'" in markdown
+    wrong = subprocess.run([sys.executable, "-m", "unrelearn.cli", "merge", str(tmp_path / "nothing"), str(here)], env=ENV,
+                           capture_output=True, text=True, check=False)  # fmt: skip
+    assert wrong.returncode == 2 and "is not a benchmark folder" in wrong.stderr and "Traceback" not in wrong.stderr

@@ -540,6 +540,20 @@ def bench(
 
 @app.command()
 @_friendly
+def merge(
+    source: Path = typer.Argument(..., help="a benchmark folder whose finished cells to copy (another machine's --out)"),
+    into: Path = typer.Argument(..., help="the benchmark folder to copy them into (made if missing)"),
+) -> None:
+    """Copy the finished cells of one benchmark folder into another: shards run on machines without
+    a shared file system, brought together. Nothing already in INTO is overwritten."""
+    from unrelearn.bench.merge import describe_merge, merge_folders
+
+    for line in describe_merge(merge_folders(source, into), source, into):
+        typer.echo(line)
+
+
+@app.command()
+@_friendly
 def report(
     folder: Path = typer.Argument(..., help="a benchmark folder written by `unrelearn bench`"),
     out: Path | None = typer.Option(None, help="where to write report.md, report.html and figures (default: FOLDER/report)"),

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from unrelearn.bench.grid import contender_rank, digest
+from unrelearn.bench.merge import MERGED_OTHER_WEIGHTS
 from unrelearn.bench.store import CellResult, ResultStore, parts_of_others, select_presets
 from unrelearn.bench.tables import BROKEN_ALIGNMENT_SHARE
 from unrelearn.errors import UnrelearnError
@@ -337,7 +338,10 @@ def _reference_concept(store: ResultStore, grid: Path) -> str | None:
 
 def _environment_blocks(store: ResultStore, cells: list[CellResult]) -> list[Block]:
     blocks: list[Block] = [Heading("Environment and cost")]
+    hosts = {c.host for c in cells}
     for host, environment in store.meta_items("environment:"):
+        if host not in hosts:  # another preset's machine
+            continue
         versions = ", ".join(f"{k} {v}" for k, v in environment.get("versions", {}).items())
         blocks.append(Paragraph(f"`{host}`: {environment.get('hardware', '')}; {versions}."))
     rows = [[c.concept, c.contender, c.attack, str(c.seed), f"{c.wall_seconds:.0f}", c.host, f"`{c.key}`"] for c in cells]
@@ -347,6 +351,9 @@ def _environment_blocks(store: ResultStore, cells: list[CellResult]) -> list[Blo
     if differ:
         blocks.append(Paragraph("Models unlearned again where their weights had stayed behind, to other weights than "
                                 "their first run's: " + "; ".join(differ) + "."))  # fmt: skip
+    merged = sorted({what.partition(": ")[2] for _, what in store.events() if what.startswith(MERGED_OTHER_WEIGHTS)})
+    if merged:
+        blocks.append(Paragraph("Cells merged from another folder whose model had other weights there: " + "; ".join(merged) + "."))
     return blocks
 
 

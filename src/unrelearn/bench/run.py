@@ -138,12 +138,17 @@ def run_bench(
     try:
         store.set_meta(f"preset:{preset['name']}", {"preset": preset, "cells": [c.key for c in cells], "command": command,
                                                     "oracles": oracles or {}, "halving": halving})  # fmt: skip
-        store.set_meta(f"environment:{socket.gethostname()}", {"hardware": _hardware(device), "versions": library_versions()})
+        # Named by what it is, not by host name alone: two machines can share one (a lent GPU machine
+        # and the CPU one were both "vm"), and a folder continued elsewhere must not relabel the cells
+        # that ran here.
+        environment = {"hardware": _hardware(device), "versions": library_versions()}
+        machine = f"{socket.gethostname()}-{digest(environment)[:6]}"
+        store.set_meta(f"environment:{machine}", environment)
         done = store.finished_keys()
         todo = [c for c in mine if c.key not in done]
         stage(f"bench {preset['name']}: {len(cells)} cells, {sum(c.key in done for c in cells)} finished before; "
               f"this shard ({index + 1}/{count}) runs {len(todo)}", progress)  # fmt: skip
-        runner = _Runner(store, out, preset.get("model", "builtin:shapes"), device, keep_models, progress)
+        runner = _Runner(store, out, preset.get("model", "builtin:shapes"), device, keep_models, progress, machine)
         if search is not None:
             computed, paused = _search(search, store, runner, {c.key for c in mine}, preset["name"], progress)
             return BenchSummary(len(cells), len(mine) - len(todo), computed, [], out, paused)
@@ -217,10 +222,10 @@ def _search(
 
 class _Runner:
     def __init__(
-        self, store: ResultStore, out: Path, base_model: str, device: Any, keep_models: bool, progress: bool
+        self, store: ResultStore, out: Path, base_model: str, device: Any, keep_models: bool, progress: bool, machine: str
     ) -> None:
         self.store, self.out, self.base_model = store, out, base_model
-        self.device, self.keep_models, self.progress = device, keep_models, progress
+        self.device, self.keep_models, self.progress, self.machine = device, keep_models, progress, machine
         self._original: Any = None
 
     def run(self, cell: Cell, stop_at: int | None = None) -> None:
@@ -254,7 +259,7 @@ class _Runner:
         summary = durability_summary(curve["points"], curve["threshold"]) | {"reference_forget_rate": reference}
         self.store.add_cell(CellResult(
             cell.key, cell.concept, cell.contender.label, cell.attack_label, cell.seed, cell.spec(), summary,
-            curve["points"], time.perf_counter() - began, socket.gethostname(),
+            curve["points"], time.perf_counter() - began, self.machine,
         ))  # fmt: skip
         if not self.keep_models:
             shutil.rmtree(folder / "model", ignore_errors=True)
@@ -367,6 +372,7 @@ class _Runner:
                 model = load_model(contender.model, device=self.device)
             if contender.method:
                 record["weights_sha256"] = parameter_digest(model.unet)
+                record["machine"] = self.machine
             _flagged_grid(model, concept, eval_config, self.out / "grids" / f"model-{key}.png",
                           f"{contender.label} before attack")  # fmt: skip
             self.store.add_model(key, concept, contender.label, contender.identity(concept) | {"oracle": contender.oracle},

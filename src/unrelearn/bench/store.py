@@ -197,8 +197,8 @@ class ResultStore:
         query = "SELECT cell, what FROM events" + (" WHERE cell = ?" if cell else "") + " ORDER BY rowid"
         return list(self._db.execute(query, (cell,) if cell else ()))
 
-    def add_cell(self, result: CellResult) -> None:
-        """The cell, its curve and its finish event in one transaction."""
+    def add_cell(self, result: CellResult, event: str = "finished") -> None:
+        """The cell, its curve and its finish event (or ``event``: where a merged cell came from) in one transaction."""
         with self._write() as db:
             db.execute(
                 "INSERT OR REPLACE INTO cells VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -214,9 +214,7 @@ class ResultStore:
                   p["kid"], p["kid_std"], p.get("alternative_rate"), *(p.get("alternative_rate_ci") or (None, None)))
                  for p in result.points],
             )  # fmt: skip
-            db.execute(
-                "INSERT INTO events VALUES (?, ?, ?, ?, 'finished')", (time.time(), socket.gethostname(), os.getpid(), result.key)
-            )
+            db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?)", (time.time(), socket.gethostname(), os.getpid(), result.key, event))
 
     def cells(self) -> list[CellResult]:
         points: dict[str, list[dict[str, Any]]] = {}
@@ -273,6 +271,11 @@ class ResultStore:
     def evaluation(self, key: str) -> dict[str, Any] | None:
         row = self._db.execute("SELECT metrics FROM evaluations WHERE key = ?", (key,)).fetchone()
         return None if row is None else json.loads(row[0])
+
+    def evaluations(self) -> dict[str, dict[str, Any]]:
+        """key -> the model and concept an evaluation is of, and its metrics."""
+        return {key: {"model": model, "concept": concept, "metrics": json.loads(metrics)}
+                for key, model, concept, metrics in self._db.execute("SELECT * FROM evaluations ORDER BY key")}  # fmt: skip
 
 
 def _migrate_3_to_4(db: sqlite3.Connection) -> None:
