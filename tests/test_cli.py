@@ -138,3 +138,11 @@ def test_attack_command_runs(model_folder, tmp_path):
     assert result.exit_code == 0, result.output
     curve = json.loads((tmp_path / "att" / "curve.json").read_text())
     assert [p["step"] for p in curve["points"]] == [0, 2]
+
+
+def test_a_bench_records_the_command_of_the_whole_preset_not_of_its_part():
+    from unrelearn.cli import _without_scheduling
+
+    part = ["bench", "--preset", "table1", "--shard", "2/4", "--only=uce,meta:uce", "--concept", "circle", "--out", "d"]
+    assert _without_scheduling(part) == ["bench", "--preset", "table1", "--out", "d"]
+    assert _without_scheduling(["bench", "--concept=striped", "--device", "cuda"]) == ["bench", "--device", "cuda"]
