@@ -773,8 +773,15 @@ def test_merge_brings_another_machines_cells_into_a_folder_and_overwrites_nothin
     assert rows(here) == rows(there)
     assert (here / "cells" / new / "curve.json").is_file() and (here / "grids" / f"cell-{new}.png").is_file()
     assert "6 cells, 5 finished" in list_bench(str(write_preset(tmp_path, GROWN)), here)
-    # Again: nothing to do. Into an empty folder: everything, models and evaluations with it.
-    assert (merge_folders(there, here).cells, merge_folders(there, tmp_path / "empty").cells) == (0, 5)
+    # Again: nothing to do. Into an empty folder: everything, models and evaluations with it, but
+    # for a model being unlearned there right now and its cells.
+    store = ResultStore(there / "results.sqlite")
+    uce = next(m["key"] for m in store.models() if m["contender"] == "uce")
+    store.close()
+    with output_lock(tmp_path / "empty" / "models" / f"{uce}.entry"):
+        unlearning = merge_folders(there, tmp_path / "empty")
+    assert (unlearning.cells, unlearning.models, len(unlearning.busy)) == (3, 1, 2)
+    assert (merge_folders(there, here).cells, merge_folders(there, tmp_path / "empty").cells) == (0, 2)
     assert rows(tmp_path / "empty") == rows(there)
     # A cell both computed, to other results, and a model with other weights: this folder's kept, both said.
     with sqlite3.connect(there / "results.sqlite") as db:

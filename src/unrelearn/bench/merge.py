@@ -11,7 +11,8 @@ presets' and machines' records. Nothing in ``DIR`` is overwritten:
   machines computed it apart and disagree), ``DIR``'s is kept and the merge says which;
 - a model recorded in both with other weights (its sha256) is kept as ``DIR`` has it, and the
   store logs it, so the report says that the merged cells attacked other weights;
-- a cell ``DIR`` is computing right now (its claim is locked) is left out: merge again later.
+- a cell ``DIR`` is computing right now (its claim is locked), or whose model ``DIR`` is
+  unlearning right now, is left out: merge again later.
 
 Paused attacks of a worst-case search (``partials``) are not merged: they belong to their
 checkpoints, which stay with the machine that paused them; the search runs them again.
@@ -23,6 +24,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unrelearn.bench.grid import digest
 from unrelearn.bench.store import ResultStore
 from unrelearn.errors import UnrelearnError
 from unrelearn.io import OutputBusy, output_lock, write_text_atomic
@@ -67,15 +69,20 @@ def merge_folders(source: str | Path, target: str | Path) -> MergeSummary:
                 ours.add_evaluation(key, evaluation["model"], evaluation["concept"], evaluation["metrics"])
         _copy_file(source / "grids", target / "grids", "reference-*.png")
         recorded = {m["key"]: m for m in ours.models()}
+        busy_models: set[str] = set()
         for model in theirs.models():
             here = recorded.get(model["key"])
             if here is None:
-                folder = target / "models" / model["key"]
-                if (source / "models" / model["key"]).is_dir():
-                    shutil.copytree(source / "models" / model["key"], folder, ignore=_LEFT_BEHIND, dirs_exist_ok=True)
-                _copy_file(source / "grids", target / "grids", f"model-{model['key']}.png")
-                ours.add_model(model["key"], model["concept"], model["contender"], model["spec"], str(folder), model["record"])
-                summary.models += 1
+                try:
+                    # Held while DIR unlearns this model: its cells wait for the next merge.
+                    with output_lock(target / "models" / f"{model['key']}.entry"):
+                        if ours.model(model["key"]) is None:
+                            _copy_model(source, target, model)
+                            ours.add_model(model["key"], model["concept"], model["contender"], model["spec"],
+                                           str(target / "models" / model["key"]), model["record"])  # fmt: skip
+                            summary.models += 1
+                except OutputBusy:
+                    busy_models.add(model["key"])
                 continue
             first, other = here["record"].get("weights_sha256"), model["record"].get("weights_sha256")
             if first and other and first != other:
@@ -85,6 +92,9 @@ def merge_folders(source: str | Path, target: str | Path) -> MergeSummary:
                 summary.other_weights.append(message)
         finished = {cell.key: cell for cell in ours.cells()}
         for cell in theirs.cells():
+            if digest(cell.spec["contender"]) in busy_models:
+                summary.busy.append(cell.key)
+                continue
             if cell.key in finished:
                 if (finished[cell.key].points, finished[cell.key].summary) == (cell.points, cell.summary):
                     summary.already += 1
@@ -109,6 +119,16 @@ def merge_folders(source: str | Path, target: str | Path) -> MergeSummary:
         theirs.close()
         ours.close()
     return summary
+
+
+def _copy_model(source: Path, target: Path, model: dict) -> None:
+    """A model's folder (its weights where SRC kept them) and image grid. What DIR holds of it
+    unrecorded (an unlearning interrupted here) is obsolete once SRC's finished model is."""
+    folder = target / "models" / model["key"]
+    if (source / "models" / model["key"]).is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(source / "models" / model["key"], folder, ignore=_LEFT_BEHIND)
+    _copy_file(source / "grids", target / "grids", f"model-{model['key']}.png")
 
 
 def _copy_file(source: Path, target: Path, pattern: str) -> None:
