@@ -92,7 +92,7 @@ def merge_folders(source: str | Path, target: str | Path) -> MergeSummary:
                 summary.other_weights.append(message)
         finished = {cell.key: cell for cell in ours.cells()}
         for cell in theirs.cells():
-            if digest(cell.spec["contender"]) in busy_models:
+            if "contender" in cell.spec and digest(cell.spec["contender"]) in busy_models:
                 summary.busy.append(cell.key)
                 continue
             if cell.key in finished:
