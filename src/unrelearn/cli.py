@@ -527,15 +527,21 @@ def bench(
             typer.echo(line)
         return
     command = shlex.join(["unrelearn", *_without_scheduling(sys.argv[1:])])
-    labels = [label.strip() for label in only.split(",") if label.strip()] if only is not None else None
-    if labels == []:
-        raise UnrelearnError("--only names no contender; give labels as the preset spells them (`--list` shows them)")
-    concepts = [name.strip() for name in concept.split(",") if name.strip()] if concept is not None else None
-    if concepts == []:
-        raise UnrelearnError("--concept names no concept; give them as the preset spells them (`--list` shows them)")
+    labels = _names(only, "--only", "contender")
+    concepts = _names(concept, "--concept", "concept")
     summary = run_bench(preset, out, shard, oracles, device=_device(device), keep_models=keep_models, command=command, model=model,
                         halving=halving, only=labels, concepts=concepts)  # fmt: skip
     typer.echo(describe(summary))
+
+
+def _names(text: str | None, option: str, what: str) -> list[str] | None:
+    """A comma-separated option's names; one given but naming nothing is an error."""
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise UnrelearnError(f"{option} names no {what}; give them as the preset spells them (`--list` shows them)")
+    return names
 
 
 @app.command()

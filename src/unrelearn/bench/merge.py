@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unrelearn.bench.grid import digest
+from unrelearn.bench.run import BENCH_GITIGNORE, cell_claim, model_entry
 from unrelearn.bench.store import ResultStore
 from unrelearn.errors import UnrelearnError
-from unrelearn.io import OutputBusy, output_lock, write_text_atomic
+from unrelearn.io import OutputBusy, atomic_directory, output_lock, write_text_atomic
 
 # Attack checkpoints and lock files belong to the machine that wrote them.
 _LEFT_BEHIND = shutil.ignore_patterns("*.checkpoint", ".*")
@@ -46,8 +47,6 @@ class MergeSummary:
 
 def merge_folders(source: str | Path, target: str | Path) -> MergeSummary:
     """Copy the finished cells of benchmark folder ``source`` that ``target`` lacks into it."""
-    from unrelearn.bench.run import BENCH_GITIGNORE
-
     source, target = Path(source), Path(target)
     if not (source / "results.sqlite").is_file():
         raise UnrelearnError(f"{str(source)!r} is not a benchmark folder (no results.sqlite); give the --out of an `unrelearn bench` run")
@@ -75,7 +74,7 @@ def merge_folders(source: str | Path, target: str | Path) -> MergeSummary:
             if here is None:
                 try:
                     # Held while DIR unlearns this model: its cells wait for the next merge.
-                    with output_lock(target / "models" / f"{model['key']}.entry"):
+                    with output_lock(model_entry(target, model["key"])):
                         if ours.model(model["key"]) is None:
                             _copy_model(source, target, model)
                             ours.add_model(model["key"], model["concept"], model["contender"], model["spec"],
@@ -102,14 +101,14 @@ def merge_folders(source: str | Path, target: str | Path) -> MergeSummary:
                     summary.differing.append(cell.key)
                 continue
             try:
-                with output_lock(target / "cells" / f"{cell.key}.claim"):
+                with output_lock(cell_claim(target, cell.key)):
                     if cell.key in ours.finished_keys():
                         summary.already += 1
                         continue
                     if (source / "cells" / cell.key).is_dir():
-                        # A cell folder left by an interrupted run here resumes from its own files: replaced.
-                        shutil.rmtree(target / "cells" / cell.key, ignore_errors=True)
-                        shutil.copytree(source / "cells" / cell.key, target / "cells" / cell.key, ignore=_LEFT_BEHIND)
+                        # Whole or not at all (a run here would resume from a half-copied curve), and
+                        # replacing what an interrupted run here left.
+                        _copy_folder(source / "cells" / cell.key, target / "cells" / cell.key)
                     _copy_file(source / "grids", target / "grids", f"cell-{cell.key}.png")
                     ours.add_cell(cell, event=f"merged from {source}")
                     summary.cells += 1
@@ -123,12 +122,17 @@ def merge_folders(source: str | Path, target: str | Path) -> MergeSummary:
 
 def _copy_model(source: Path, target: Path, model: dict) -> None:
     """A model's folder (its weights where SRC kept them) and image grid. What DIR holds of it
-    unrecorded (an unlearning interrupted here) is obsolete once SRC's finished model is."""
-    folder = target / "models" / model["key"]
+    unrecorded (an unlearning interrupted here) is obsolete once SRC's finished model is, and a
+    half-copied folder would look like a model unlearned before a kill."""
     if (source / "models" / model["key"]).is_dir():
-        shutil.rmtree(folder, ignore_errors=True)
-        shutil.copytree(source / "models" / model["key"], folder, ignore=_LEFT_BEHIND)
+        _copy_folder(source / "models" / model["key"], target / "models" / model["key"])
     _copy_file(source / "grids", target / "grids", f"model-{model['key']}.png")
+
+
+def _copy_folder(source: Path, target: Path) -> None:
+    """``source`` (less checkpoints and lock files) in place of ``target``, whole or not at all."""
+    with atomic_directory(target) as tmp:
+        shutil.copytree(source, tmp, ignore=_LEFT_BEHIND, dirs_exist_ok=True)
 
 
 def _copy_file(source: Path, target: Path, pattern: str) -> None:

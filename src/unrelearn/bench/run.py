@@ -58,6 +58,16 @@ results.sqlite-shm
 SEARCH_POLL_SECONDS = 5.0
 
 
+def cell_claim(folder: Path, key: str) -> Path:
+    """What a process locks while it computes cell ``key`` in benchmark folder ``folder``."""
+    return folder / "cells" / f"{key}.claim"
+
+
+def model_entry(folder: Path, key: str) -> Path:
+    """What a process locks while it records (or unlearns) model ``key`` in ``folder``."""
+    return folder / "models" / f"{key}.entry"
+
+
 @dataclass
 class BenchSummary:
     cells: int
@@ -158,7 +168,7 @@ def run_bench(
                   f"seed {cell.seed}", progress)  # fmt: skip
             try:
                 # Not the attack's own folder: attack() takes that lock itself.
-                with output_lock(out / "cells" / f"{cell.key}.claim"):
+                with output_lock(cell_claim(out, cell.key)):
                     if cell.key in store.finished_keys():
                         continue
                     runner.run(cell)
@@ -202,7 +212,7 @@ def _search(
             stage(f"search {number}/{len(runnable)}: {cell.concept} | {cell.contender.label} | {cell.attack_label} | "
                   f"seed {cell.seed} | to {until}", progress)  # fmt: skip
             try:
-                with output_lock(runner.out / "cells" / f"{cell.key}.claim"):
+                with output_lock(cell_claim(runner.out, cell.key)):
                     if cell.key in store.finished_keys() or (cell.key, item.stop_at) in store.partials():
                         continue
                     runner.run(cell, stop_at=item.stop_at)
@@ -353,7 +363,7 @@ class _Runner:
         # Always this folder's models/KEY, not the path recorded when it ran: a benchmark folder
         # can move (a copy on another machine, a committed folder without its weights).
         folder = self.out / "models" / key if contender.method else model_path(contender.model)
-        with output_lock(self.out / "models" / f"{key}.entry", wait=True):
+        with output_lock(model_entry(self.out, key), wait=True):
             found = self.store.model(key)
             if found is not None:
                 _check_settings(contender, concept, found["record"], found["path"])
