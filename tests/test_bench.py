@@ -443,7 +443,7 @@ def test_bench_cli_errors_are_one_line(tmp_path):
 COMMITTED_BENCH = Path(__file__).parents[1] / "docs" / "bench" / "shapes"
 
 
-@pytest.mark.parametrize("preset", ["durability"])
+@pytest.mark.parametrize("preset", ["durability", "table1"])
 def test_a_committed_report_is_what_its_committed_results_draw(preset, tmp_path):
     """docs/bench/shapes is a benchmark folder committed without its weights: each report in it,
     redrawn from its store elsewhere, is the committed text, so no number in it was edited by hand."""
@@ -452,6 +452,20 @@ def test_a_committed_report_is_what_its_committed_results_draw(preset, tmp_path)
     folder = shutil.copytree(COMMITTED_BENCH, tmp_path / "shapes", ignore=shutil.ignore_patterns(preset))
     redrawn = write_report(folder, tmp_path / preset, presets=[preset])["markdown"].read_text()
     assert redrawn == (COMMITTED_BENCH / preset / "report.md").read_text()
+
+
+def test_the_committed_paper_shaped_table1_is_what_its_committed_results_draw(tmp_path):
+    """docs/bench/shapes/table1/table.md, redrawn from a copy of the committed store alone: the same
+    text but for the two paths of the command that drew it."""
+    import shutil
+
+    from unrelearn.bench.tables import write_table
+
+    (tmp_path / "shapes").mkdir()
+    shutil.copyfile(COMMITTED_BENCH / "results.sqlite", tmp_path / "shapes" / "results.sqlite")
+    written = write_table("table1", tmp_path / "shapes", tmp_path / "table", presets=["table1"])
+    redrawn = written["markdown"].read_text().replace(f"{tmp_path / 'table'}", "docs/bench/shapes/table1/table")
+    assert redrawn.replace(f"{tmp_path / 'shapes'}", "docs/bench/shapes") == (COMMITTED_BENCH / "table1" / "table.md").read_text()
 
 
 def test_the_report_renders_in_a_real_browser_with_its_tables_and_images(uninterrupted, tmp_path):
