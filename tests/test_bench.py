@@ -809,3 +809,30 @@ def test_merge_brings_another_machines_cells_into_a_folder_and_overwrites_nothin
     wrong = subprocess.run([sys.executable, "-m", "unrelearn.cli", "merge", str(tmp_path / "nothing"), str(here)], env=ENV,
                            capture_output=True, text=True, check=False)  # fmt: skip
     assert wrong.returncode == 2 and "is not a benchmark folder" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_an_attack_that_diverges_ends_its_cell_and_the_search_goes_on(tmp_path):
+    """SGD at an absurd rate blows the oracle's weights up at its first step: in a worst-case grid
+    that is an outcome (a setting the attacker cannot use), so the cell finishes with the curve
+    evaluated before and where it diverged, no model, no checkpoint, and the search completes."""
+    preset = write_preset(tmp_path, TINY | {"attacks": [
+        {"data": "clean", "steps": 4, "lr": 1e-4, "batch_size": 2, "data_size": 8, "eval_at": [0, 2, 4]},
+        {"data": "hrm-m", "optimizer": "sgd", "steps": 4, "lr": 1e6, "batch_size": 2, "data_size": 8, "eval_at": [0, 2, 4]},
+    ]})  # fmt: skip
+    out = tmp_path / "bench"
+    summary = run_bench(str(preset), out, only=["oracle"], halving=3, progress=False)
+    assert summary.cells == 4
+    store = ResultStore(out / "results.sqlite")
+    cells = {c.attack.split()[0]: c for c in store.cells()}
+    groups = store.meta("search:preset")["groups"]
+    store.close()
+    diverged = cells["hrm-m"]
+    assert diverged.summary["diverged_at"] == 0 and [p["step"] for p in diverged.points] == [0]
+    assert "diverged_at" not in cells["clean"].summary
+    folder = out / "cells" / diverged.key
+    assert json.loads((folder / "curve.json").read_text())["diverged_at"] == 0
+    assert "training blew up at step 0" in json.loads((folder / "run.json").read_text())["diverged"]
+    assert not (folder / "model").exists() and not list((out / "cells").glob("*.checkpoint"))
+    assert groups[0]["complete"]
+    markdown = write_report(out, tmp_path / "report")["markdown"].read_text()
+    assert "(diverged at step 0)" in markdown and "Attacks that diverged" in markdown and "hrm-m full sgd lr=1e+06 4 steps, seed 0, at step 0" in markdown

@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from unrelearn.errors import UnrelearnError
+from unrelearn.errors import TrainingDiverged, UnrelearnError
 from unrelearn.io import atomic_directory
 from unrelearn.options import Fraction, NonNegativeFloat, NonNegativeInt, Options, PositiveFloat
 from unrelearn.progress import progress_bar
@@ -312,7 +312,7 @@ class Trainer:
         norms = torch.stack([torch.linalg.vector_norm(p.detach().float()) for p in self.params.values()])
         return float(torch.linalg.vector_norm(norms))
 
-    def _blow_up(self, step: int, what: str, last_checkpoint: int | None) -> UnrelearnError:
+    def _blow_up(self, step: int, what: str, last_checkpoint: int | None) -> TrainingDiverged:
         if last_checkpoint is not None:
             kept = (
                 f"the checkpoint of step {last_checkpoint} in {str(self.checkpoint_dir)!r} is intact but belongs to "
@@ -321,7 +321,7 @@ class Trainer:
             )
         else:
             kept = "nothing was saved; run again with a lower learning rate (or gradient clipping)"
-        return UnrelearnError(f"training blew up at step {step}: {what}; {kept}")
+        return TrainingDiverged(f"training blew up at step {step}: {what}; {kept}", step)
 
     def run(self, resume: bool = True, stop_at: int | None = None) -> TrainResult:
         """Train to ``config.steps``, or pause at ``stop_at`` with a checkpoint there: a later run

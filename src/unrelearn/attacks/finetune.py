@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from unrelearn.attacks.data import build_attack_data
-from unrelearn.errors import UnrelearnError
+from unrelearn.errors import TrainingDiverged, UnrelearnError
 from unrelearn.evaluate import EvalConfig, evaluate
 from unrelearn.finetuning import FineTuning
 from unrelearn.io import atomic_directory, ensure_writable_parent, library_versions, output_lock
@@ -120,6 +120,7 @@ def attack(
     progress: bool = True,
     initial_point: dict[str, Any] | None = None,
     stop_at: int | None = None,
+    record_divergence: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` on ``config.data``; write ``out/curve.json``, ``curve.png``, ``run.json``, ``model/``.
 
@@ -131,6 +132,12 @@ def attack(
     ``stop_at`` pauses the attack at that step (a checkpoint there, nothing written to ``out``)
     and returns the curve so far, ``{"points", "stopped_at"}``: a worst-case search runs many
     attacks a little way and continues only the strongest, each to its uninterrupted result.
+
+    An attack whose loss or weights stop being finite raises :class:`TrainingDiverged`; with
+    ``record_divergence`` it ends there instead, as a finished attack: ``curve.json`` holds the
+    points evaluated before and ``diverged_at`` (the step), ``run.json`` the error, and there is no
+    ``model/`` (its weights are not finite). A worst-case grid counts such a setting as one the
+    attacker cannot use.
     """
     out = Path(out)
     if Processes().count > 1:
@@ -145,13 +152,13 @@ def attack(
         raise UnrelearnError("give a relearning threshold or the base model's forget rate (reference_rate)")
     with output_lock(out):
         return _attack(model, concept, config, out, eval_at, eval_config, threshold, reference_rate, original_model,
-                       progress, world, sets, initial_point, stop_at)  # fmt: skip
+                       progress, world, sets, initial_point, stop_at, record_divergence)  # fmt: skip
 
 
 def _attack(
     model: DiffusionModel, concept: str, config: AttackConfig, out: Path, eval_at: list[int], eval_config: EvalConfig,
     threshold: float | None, reference_rate: float | None, original_model: DiffusionModel | None, progress: bool,
-    world: Any, sets: Any, initial_point: dict[str, Any] | None, stop_at: int | None,
+    world: Any, sets: Any, initial_point: dict[str, Any] | None, stop_at: int | None, record_divergence: bool,
 ) -> dict[str, Any]:  # fmt: skip
     resolution = model.unet.config.sample_size if model.vae is None else None
     data = build_attack_data(config.data, world, sets, config.data_size, config.seed, original_model, resolution)
@@ -197,7 +204,15 @@ def _attack(
     trainer.on_step = evaluate_at
     trainer.on_start = evaluate_at  # step 0 = the model before the attack (skipped on resume)
     began = time.perf_counter()
-    result = trainer.run(stop_at=stop_at)
+    try:
+        result = trainer.run(stop_at=stop_at)
+    except TrainingDiverged as error:
+        points = sorted(trainer.extra_state.get("curve", []), key=lambda p: p["step"])
+        if not record_divergence or not points:
+            raise
+        stage(f"{description}: diverged at step {error.step}; the attack ends there", progress)
+        return _diverged(config, eval_config, eval_at, out, checkpoints, points, error, threshold, reference_rate, concept,
+                         time.perf_counter() - began, model)  # fmt: skip
     points = sorted(trainer.extra_state["curve"], key=lambda p: p["step"])
     if result.steps_done < config.steps:
         return {"points": [p for p in points if p["step"] <= stop_at], "stopped_at": stop_at}
@@ -232,6 +247,37 @@ def _attack(
         (tmp / "curve.json").write_text(json.dumps(summary, indent=2) + "\n")
         (tmp / "run.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
         plot_curves({config.data: points}, tmp / "curve.png", threshold, title=f"{concept}: attack with {config.data}")
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return summary
+
+
+def _diverged(
+    config: AttackConfig, eval_config: EvalConfig, eval_at: list[int], out: Path, checkpoints: Path,
+    points: list[dict[str, Any]], error: TrainingDiverged, threshold: float | None, reference_rate: float | None,
+    concept: str, wall_seconds: float, model: DiffusionModel,
+) -> dict[str, Any]:  # fmt: skip
+    """Write a diverged attack as finished: its curve up to the divergence, no model."""
+    threshold = 0.5 * reference_rate if threshold is None else threshold
+    summary = {
+        "concept": concept,
+        "data": config.data,
+        "threshold": threshold,
+        "reference_forget_rate": reference_rate,
+        "steps_to_relearn": steps_to_relearn(points, threshold),
+        "max_forget_rate": max(p["forget_rate"] for p in points),
+        "points": points,
+        "diverged_at": error.step,
+    }
+    record = {
+        "config": asdict(config), "eval": asdict(eval_config), "eval_at": eval_at, "diverged": str(error),
+        "wall_seconds": wall_seconds, "device": str(model.device), "versions": library_versions(),
+        "source_model": model.info.get("unlearned"),
+    }  # fmt: skip
+    with atomic_directory(out) as tmp:
+        (tmp / "curve.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / "run.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+        plot_curves({config.data: points}, tmp / "curve.png", threshold,
+                    title=f"{concept}: attack with {config.data} (diverged at step {error.step})")  # fmt: skip
     shutil.rmtree(checkpoints, ignore_errors=True)
     return summary
 

@@ -94,6 +94,12 @@ def _steps(value: int | None) -> str:
     return "never" if value is None else str(value)
 
 
+def _relearned(cell: CellResult) -> str:
+    """Steps-to-relearn of one attack run, and where it diverged if it did (its curve ends there)."""
+    diverged = cell.summary.get("diverged_at")
+    return _steps(cell.summary["steps_to_relearn"]) + ("" if diverged is None else f" (diverged at step {diverged})")
+
+
 @dataclass
 class Setting:
     """One attack setting of one contender: its seeds' cells."""
@@ -255,6 +261,14 @@ def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curve
                                 f"({oracle_alignment:.3f}): a broken model, whose low forget rates are not durability."))  # fmt: skip
     if oracle_worst is not None:
         blocks.append(Paragraph(f"The oracle's worst case, {oracle_worst:.3f}, is the level a truly forgotten concept reaches."))
+    diverged = sorted((rank(c.contender), c.contender, c.attack, c.seed, c.summary["diverged_at"])
+                      for s in every for c in s.cells if c.summary.get("diverged_at") is not None)  # fmt: skip
+    if diverged:
+        blocks.append(Paragraph(
+            "Attacks that diverged (their loss or weights stopped being finite; the attack ends there, its curve is what "
+            "was evaluated before, and it counts as held: a setting the attacker cannot use): "
+            + "; ".join(f"{contender}, {attack}, seed {seed}, at step {step}" for _, contender, attack, seed, step in diverged) + "."
+        ))  # fmt: skip
 
     # Before any attack.
     rows = []
@@ -303,11 +317,10 @@ def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curve
         rows = []
         for s in settings:
             by_step = {p["step"]: p for p in s.points()}
-            relearn = [c.summary["steps_to_relearn"] for c in s.cells]
             rows.append(
                 [s.contender]
                 + [_rate(by_step[t]["forget_rate"], by_step[t]["forget_rate_ci"]) if t in by_step else "-" for t in steps]
-                + [", ".join(_steps(r) for r in relearn), _auc([c.summary["auc"] for c in s.cells]),
+                + [", ".join(_relearned(c) for c in s.cells), _auc([c.summary["auc"] for c in s.cells]),
                    _rate(by_step[steps[-1]]["retain_alignment"], by_step[steps[-1]]["retain_alignment_ci"]) if steps[-1] in by_step else "-",
                    _rate(by_step[steps[-1]]["precision"], by_step[steps[-1]]["precision_ci"]) if steps[-1] in by_step else "-"]
             )  # fmt: skip

@@ -257,16 +257,20 @@ class _Runner:
             model = DiffusionModel.load(model_dir, device=self.device)
             curve = attack(model, cell.concept, AttackConfig(**cell.attack), folder, list(cell.eval_at), eval_config,
                            reference_rate=reference, progress=self.progress, initial_point=start,
-                           original_model=self.original(model, cell.attack["data"]), stop_at=stop_at)  # fmt: skip
-        if stop_at is not None:
+                           original_model=self.original(model, cell.attack["data"]), stop_at=stop_at,
+                           record_divergence=True)  # fmt: skip
+        diverged = curve.get("diverged_at")
+        if stop_at is not None and diverged is None:
             self.store.add_partial(cell.key, stop_at, [p for p in curve["points"] if p["step"] <= stop_at])
             return
         grid = self.out / "grids" / f"cell-{cell.key}.png"
-        if not grid.is_file():
+        if diverged is None and not grid.is_file():
             attacked = DiffusionModel.load(folder / "model", device=self.device)
             title = f"{cell.contender.label} after {cell.attack_label} (seed {cell.seed})"
             _flagged_grid(attacked, cell.concept, eval_config, grid, title)
         summary = durability_summary(curve["points"], curve["threshold"]) | {"reference_forget_rate": reference}
+        if diverged is not None:
+            summary["diverged_at"] = diverged
         self.store.add_cell(CellResult(
             cell.key, cell.concept, cell.contender.label, cell.attack_label, cell.seed, cell.spec(), summary,
             curve["points"], time.perf_counter() - began, self.machine,
