@@ -702,7 +702,8 @@ def test_a_halving_search_ends_its_survivors_exactly_as_the_full_grid_does(searc
 
 
 def test_two_shards_searching_at_once_find_what_one_process_finds(searched, tmp_path):
-    """Each shard runs its half of every rung and waits for the other's before the next."""
+    """Each shard runs its half of every rung, then the other's cells that no process holds, and
+    waits for the ones another process runs before the next rung."""
     preset, straight = searched
     out = tmp_path / "sharded"
     shards = [subprocess.Popen(bench_command(preset, out, "--halving", "3", "--shard", f"{i}/2"), env=ENV,
@@ -716,6 +717,16 @@ def test_two_shards_searching_at_once_find_what_one_process_finds(searched, tmp_
     for store in stores:
         store.close()
     assert len(started) == 6 + len(rows(straight)) and len(set(started)) == 6  # each pause and each completion once
+
+
+def test_a_search_shard_whose_partner_never_comes_finishes_the_search_alone(searched, tmp_path):
+    """A shard does not wait for cells that no process holds (a partner that died, or never
+    started): it runs them itself, and ends with what one process finds."""
+    preset, straight = searched
+    alone = subprocess.run(bench_command(preset, tmp_path / "alone", "--halving", "3", "--shard", "1/2"), env=ENV,
+                           capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    assert alone.returncode == 0, alone.stderr
+    assert rows(tmp_path / "alone") == rows(straight)
 
 
 def test_concept_runs_one_concepts_cells_and_records_the_whole_preset(tmp_path):

@@ -201,11 +201,14 @@ def _search(
             stage(f"worst-case search (halving, eta {search.eta}) complete: " + "; ".join(
                 f"{s.concept} | {s.contender}: {' -> '.join(map(str, s.candidates))} settings" for s in states), progress)  # fmt: skip
             return computed, paused
-        runnable = [w for w in work if w.cell.key in mine]
+        # With nothing of its own left, a shard helps with the others' cells that no process holds
+        # (their locks say which): shards that finish their part early, or whose partner died,
+        # do not wait idle for the next rung.
+        runnable = [w for w in work if w.cell.key in mine] or work
         if runnable and runnable == last:
             raise UnrelearnError(f"the worst-case search made no progress on {len(runnable)} cell(s); "
                                  f"see the events table of {str(store.path)!r}")  # fmt: skip
-        busy = False
+        busy = 0
         for number, item in enumerate(runnable, 1):
             cell = item.cell
             until = "the end" if item.stop_at is None else f"step {item.stop_at}"
@@ -221,11 +224,11 @@ def _search(
                     else:
                         paused += 1
             except OutputBusy:
-                busy = True  # another process runs it; a later plan sees its result
+                busy += 1  # another process runs it; a later plan sees its result
         last = None if busy else runnable
-        if len(runnable) < len(work) or busy:
+        if busy:
             if not waited:
-                stage(f"waiting for {len(work) - len(runnable)} cell(s) of other processes before the next rung", progress)
+                stage(f"waiting for {busy} cell(s) of other processes before the next rung", progress)
             waited = True
             time.sleep(SEARCH_POLL_SECONDS)
 
