@@ -218,17 +218,8 @@ def _attack(
         return {"points": [p for p in points if p["step"] <= stop_at], "stopped_at": stop_at}
     if config.mode == "lora":
         fuse_lora(model.unet)
-    if threshold is None:
-        threshold = 0.5 * reference_rate
-    summary = {
-        "concept": concept,
-        "data": config.data,
-        "threshold": threshold,
-        "reference_forget_rate": reference_rate,
-        "steps_to_relearn": steps_to_relearn(points, threshold),
-        "max_forget_rate": max(p["forget_rate"] for p in points),
-        "points": points,
-    }
+    threshold = 0.5 * reference_rate if threshold is None else threshold
+    summary = _curve_summary(concept, config, threshold, reference_rate, points)
     record = {
         "config": asdict(config),
         "eval": asdict(eval_config),
@@ -251,14 +242,11 @@ def _attack(
     return summary
 
 
-def _diverged(
-    config: AttackConfig, eval_config: EvalConfig, eval_at: list[int], out: Path, checkpoints: Path,
-    points: list[dict[str, Any]], error: TrainingDiverged, threshold: float | None, reference_rate: float | None,
-    concept: str, wall_seconds: float, model: DiffusionModel,
-) -> dict[str, Any]:  # fmt: skip
-    """Write a diverged attack as finished: its curve up to the divergence, no model."""
-    threshold = 0.5 * reference_rate if threshold is None else threshold
-    summary = {
+def _curve_summary(
+    concept: str, config: AttackConfig, threshold: float, reference_rate: float | None, points: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """What ``curve.json`` says of an attack: its curve, when it relearned and how far."""
+    return {
         "concept": concept,
         "data": config.data,
         "threshold": threshold,
@@ -266,8 +254,17 @@ def _diverged(
         "steps_to_relearn": steps_to_relearn(points, threshold),
         "max_forget_rate": max(p["forget_rate"] for p in points),
         "points": points,
-        "diverged_at": error.step,
     }
+
+
+def _diverged(
+    config: AttackConfig, eval_config: EvalConfig, eval_at: list[int], out: Path, checkpoints: Path,
+    points: list[dict[str, Any]], error: TrainingDiverged, threshold: float | None, reference_rate: float | None,
+    concept: str, wall_seconds: float, model: DiffusionModel,
+) -> dict[str, Any]:  # fmt: skip
+    """Write a diverged attack as finished: its curve up to the divergence, no model."""
+    threshold = 0.5 * reference_rate if threshold is None else threshold
+    summary = _curve_summary(concept, config, threshold, reference_rate, points) | {"diverged_at": error.step}
     record = {
         "config": asdict(config), "eval": asdict(eval_config), "eval_at": eval_at, "diverged": str(error),
         "wall_seconds": wall_seconds, "device": str(model.device), "versions": library_versions(),
