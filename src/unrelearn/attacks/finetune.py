@@ -150,6 +150,7 @@ def attack(
         raise UnrelearnError(f"an attack can pause only between step 0 and its last ({config.steps}), not at {stop_at}")
     if threshold is None and reference_rate is None:
         raise UnrelearnError("give a relearning threshold or the base model's forget rate (reference_rate)")
+    threshold = 0.5 * reference_rate if threshold is None else threshold
     with output_lock(out):
         return _attack(model, concept, config, out, eval_at, eval_config, threshold, reference_rate, original_model,
                        progress, world, sets, initial_point, stop_at, record_divergence)  # fmt: skip
@@ -157,7 +158,7 @@ def attack(
 
 def _attack(
     model: DiffusionModel, concept: str, config: AttackConfig, out: Path, eval_at: list[int], eval_config: EvalConfig,
-    threshold: float | None, reference_rate: float | None, original_model: DiffusionModel | None, progress: bool,
+    threshold: float, reference_rate: float | None, original_model: DiffusionModel | None, progress: bool,
     world: Any, sets: Any, initial_point: dict[str, Any] | None, stop_at: int | None, record_divergence: bool,
 ) -> dict[str, Any]:  # fmt: skip
     resolution = model.unet.config.sample_size if model.vae is None else None
@@ -218,7 +219,6 @@ def _attack(
         return {"points": [p for p in points if p["step"] <= stop_at], "stopped_at": stop_at}
     if config.mode == "lora":
         fuse_lora(model.unet)
-    threshold = 0.5 * reference_rate if threshold is None else threshold
     summary = _curve_summary(concept, config, threshold, reference_rate, points)
     record = {
         "config": asdict(config),
@@ -259,11 +259,10 @@ def _curve_summary(
 
 def _diverged(
     config: AttackConfig, eval_config: EvalConfig, eval_at: list[int], out: Path, checkpoints: Path,
-    points: list[dict[str, Any]], error: TrainingDiverged, threshold: float | None, reference_rate: float | None,
+    points: list[dict[str, Any]], error: TrainingDiverged, threshold: float, reference_rate: float | None,
     concept: str, wall_seconds: float, model: DiffusionModel,
 ) -> dict[str, Any]:  # fmt: skip
     """Write a diverged attack as finished: its curve up to the divergence, no model."""
-    threshold = 0.5 * reference_rate if threshold is None else threshold
     summary = _curve_summary(concept, config, threshold, reference_rate, points) | {"diverged_at": error.step}
     record = {
         "config": asdict(config), "eval": asdict(eval_config), "eval_at": eval_at, "diverged": str(error),

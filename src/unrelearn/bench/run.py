@@ -218,8 +218,7 @@ def _search(
                 with output_lock(cell_claim(runner.out, cell.key)):
                     if cell.key in store.finished_keys() or (cell.key, item.stop_at) in store.partials():
                         continue
-                    runner.run(cell, stop_at=item.stop_at)
-                    if item.stop_at is None:
+                    if runner.run(cell, stop_at=item.stop_at):
                         computed += 1
                     else:
                         paused += 1
@@ -241,8 +240,9 @@ class _Runner:
         self.device, self.keep_models, self.progress, self.machine = device, keep_models, progress, machine
         self._original: Any = None
 
-    def run(self, cell: Cell, stop_at: int | None = None) -> None:
-        """The cell's attack to its end (its row in the store), or paused at ``stop_at`` (a partial row)."""
+    def run(self, cell: Cell, stop_at: int | None = None) -> bool:
+        """The cell's attack to its end (its row in the store), or paused at ``stop_at`` (a partial
+        row). True when the cell finished: ran to its end, or diverged before the pause."""
         from unrelearn.attacks import AttackConfig, attack
         from unrelearn.evaluate import EvalConfig
         from unrelearn.model import DiffusionModel
@@ -265,7 +265,7 @@ class _Runner:
         diverged = curve.get("diverged_at")
         if stop_at is not None and diverged is None:
             self.store.add_partial(cell.key, stop_at, [p for p in curve["points"] if p["step"] <= stop_at])
-            return
+            return False
         grid = self.out / "grids" / f"cell-{cell.key}.png"
         if diverged is None and not grid.is_file():
             attacked = DiffusionModel.load(folder / "model", device=self.device)
@@ -280,6 +280,7 @@ class _Runner:
         ))  # fmt: skip
         if not self.keep_models:
             shutil.rmtree(folder / "model", ignore_errors=True)
+        return True
 
     def original(self, model: Any, data: str) -> Any:
         """The base model, loaded once, where the attack data are its generations (a world without
