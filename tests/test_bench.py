@@ -644,6 +644,39 @@ def test_halving_keeps_the_strongest_third_per_contender_and_counts_finished_cel
         Halving(cells, eta=0)
 
 
+def test_the_worst_case_by_attack_data_counts_the_attacks_a_search_stopped():
+    """A search over every setting at once prunes benign data early (malicious data relearns
+    faster): the report still gives each data's highest rate, and says how far that attack ran."""
+    from unrelearn.bench.grid import contender_rank
+    from unrelearn.bench.report import Table, _by_data_blocks
+
+    preset = TINY | {"name": "p", "attacks": [{"data": ["hrm-m", "clean"], "steps": 4, "lr": 1e-4, "eval_at": [0, 2, 4]}]}
+    cells = {(c.contender.label, c.attack["data"]): c for c in expand(preset)}
+
+    def point(step, rate):
+        return {"step": step, "forget_rate": rate, "forget_rate_ci": [rate / 2, min(1.0, 2 * rate)]}
+
+    def finished(label, data, points, **summary):
+        cell = cells[(label, data)]
+        return CellResult(cell.key, "circle", label, cell.attack_label, 0, cell.spec(), summary, points, 1.0, "here")
+
+    done = [finished("uce", "hrm-m", [point(0, 0.1), point(2, 0.9), point(4, 0.8)]),
+            finished("oracle", "hrm-m", [point(0, 0.02)], diverged_at=1)]  # fmt: skip
+    partials = {(cells[("uce", "clean")].key, 2): [point(0, 0.1), point(2, 0.3)],
+                (cells[("oracle", "clean")].key, 2): [point(0, 0.02), point(2, 0.05)]}  # fmt: skip
+    search = {"groups": [{"pruned": [{"cells": [cells[("uce", "clean")].key], "rung": 2, "score": 0.3, "setting": "clean"}]},
+                         {"pruned": []}]}  # fmt: skip
+    entry = {"preset": preset, "cells": [c.key for c in cells.values()]}
+    blocks = _by_data_blocks(entry, {c.key: c for c in done}, partials, search, contender_rank(preset))
+    (table,) = [b for b in blocks if isinstance(b, Table)]
+    assert [[row[1], row[2], row[3], row[4].rsplit(", ", 1)[1], row[5]] for row in table.rows] == [
+        ["uce", "hrm-m", "0.900 [0.450, 1.000]", "step 2", "to the end"],
+        ["uce", "clean", "0.300 [0.150, 0.600]", "step 2", "pruned at step 2 (a lower bound)"],
+        ["oracle", "hrm-m", "0.020 [0.010, 0.040]", "step 0", "diverged at step 1"],
+        ["oracle", "clean", "0.050 [0.025, 0.100]", "step 2", "paused at step 2 (still running)"],
+    ]
+
+
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     """The tiny search (3 settings x 2 contenders, eta 3) run by one process."""
@@ -699,6 +732,7 @@ def test_a_halving_search_ends_its_survivors_exactly_as_the_full_grid_does(searc
     assert again.returncode == 0 and "0 computed now" in again.stdout
     markdown = write_report(tmp_path / "search", tmp_path / "report")["markdown"].read_text()
     assert "Worst-case search" in markdown and "3 -> " in markdown and "(step 2)" in markdown
+    assert "| circle | uce | hrm-m | " in markdown and "| circle | oracle | hrm-m | " in markdown
 
 
 def test_two_shards_searching_at_once_find_what_one_process_finds(searched, tmp_path):

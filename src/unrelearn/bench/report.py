@@ -186,6 +186,7 @@ def build_blocks(store: ResultStore, figures: Path, selected: list[str] | None =
         search = store.meta(f"search:{name}") if entry.get("halving") is not None else None
         if search is not None:
             blocks += _search_blocks(search, contender_rank(entry["preset"]))
+            blocks += _by_data_blocks(entry, cells, store.partials(), search, contender_rank(entry["preset"]))
         # The models this preset attacks: a folder shared by several presets holds others too.
         attacked = {digest(c.spec["contender"]) for c in mine if "contender" in c.spec}
         own_models = {key: model for key, model in models.items() if key in attacked}
@@ -216,6 +217,57 @@ def _search_blocks(search: dict[str, Any], rank) -> list[Block]:
                   "when it stopped (a lower bound on its own worst case)."),
         Table(["concept", "contender", "settings at each rung", "highest pruned setting: forget rate (setting, rung)"], rows),
     ]
+
+
+def _by_data_blocks(
+    entry: dict[str, Any], finished: dict[str, CellResult], partials: dict[tuple[str, int], list[dict[str, Any]]],
+    search: dict[str, Any], rank,
+) -> list[Block]:  # fmt: skip
+    """The worst case per contender and attack data, the attacks the search stopped included.
+
+    Malicious data relearns fastest, so a search over every setting at once prunes the benign and
+    poisoned ones early; their worst case is still a question of its own (does fine-tuning
+    without the concept bring it back?), answered here as far as they ran."""
+    from unrelearn.bench.grid import expand
+
+    pruned_at = {key: p["rung"] for group in search["groups"] for p in group["pruned"] for key in p["cells"]}
+    best: dict[tuple[str, str, str], tuple[float, int, dict[str, Any], Any, str]] = {}
+    grid = expand(entry["preset"], entry.get("oracles"))
+    for cell in grid:
+        if cell.key in finished:
+            done = finished[cell.key]
+            points = done.points
+            diverged = done.summary.get("diverged_at")
+            how_far = "to the end" if diverged is None else f"diverged at step {diverged}"
+        else:
+            paused = sorted(step for key, step in partials if key == cell.key)
+            if not paused:
+                continue
+            points = partials[(cell.key, paused[-1])]
+            how_far = (f"pruned at step {pruned_at[cell.key]} (a lower bound)" if cell.key in pruned_at
+                       else f"paused at step {paused[-1]} (still running)")  # fmt: skip
+        point = max(points, key=lambda p: (p["forget_rate"], -p["step"]))
+        group = (cell.concept, cell.contender.label, cell.attack["data"])
+        candidate = (point["forget_rate"], -point["step"], point, cell, how_far)
+        if group not in best or candidate[:2] > best[group][:2]:
+            best[group] = candidate
+    if not best:
+        return []
+    listed = [d for a in entry["preset"]["attacks"] for d in (a["data"] if isinstance(a["data"], list) else [a["data"]])]
+    data_order = {data: i for i, data in enumerate(dict.fromkeys(listed))}
+    rows = [
+        [concept, contender, data, _rate(point["forget_rate"], point.get("forget_rate_ci")),
+         f"{cell.attack_label}, seed {cell.seed}, step {point['step']}", how_far]
+        for (concept, contender, data), (_, _, point, cell, how_far) in sorted(
+            best.items(), key=lambda kv: (kv[0][0], rank(kv[0][1]), data_order[kv[0][2]]))
+    ]  # fmt: skip
+    return [
+        Heading("Worst case by attack data", 3),
+        Paragraph("Per contender and attack data, the highest forget rate any of its settings and seeds reached, with "
+                  "the attacks the search stopped: their rates are what they had reached (lower bounds on their own "
+                  "worst cases)."),
+        Table(["concept", "contender", "data", "highest forget rate [95% CI]", "reached under", "that attack ran"], rows),
+    ]  # fmt: skip
 
 
 def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curves, rank) -> list[Block]:
