@@ -649,6 +649,7 @@ def test_the_worst_case_by_attack_data_counts_the_attacks_a_search_stopped():
     faster): the report still gives each data's highest rate, and says how far that attack ran."""
     from unrelearn.bench.grid import contender_rank
     from unrelearn.bench.report import Table, _by_data_blocks
+    from unrelearn.bench.search import GroupState, Pruned
 
     preset = TINY | {"name": "p", "attacks": [{"data": ["hrm-m", "clean"], "steps": 4, "lr": 1e-4, "eval_at": [0, 2, 4]}]}
     cells = {(c.contender.label, c.attack["data"]): c for c in expand(preset)}
@@ -664,10 +665,10 @@ def test_the_worst_case_by_attack_data_counts_the_attacks_a_search_stopped():
             finished("oracle", "hrm-m", [point(0, 0.02)], diverged_at=1)]  # fmt: skip
     partials = {(cells[("uce", "clean")].key, 2): [point(0, 0.1), point(2, 0.3)],
                 (cells[("oracle", "clean")].key, 2): [point(0, 0.02), point(2, 0.05)]}  # fmt: skip
-    search = {"groups": [{"pruned": [{"cells": [cells[("uce", "clean")].key], "rung": 2, "score": 0.3, "setting": "clean"}]},
-                         {"pruned": []}]}  # fmt: skip
-    entry = {"preset": preset, "cells": [c.key for c in cells.values()]}
-    blocks = _by_data_blocks(entry, {c.key: c for c in done}, partials, search, contender_rank(preset))
+    groups = [GroupState("circle", "uce", [2], [2, 1], [Pruned("clean", 2, 0.3, [cells[("uce", "clean")].key])]),
+              GroupState("circle", "oracle", [2], [2])]  # fmt: skip
+    grid = sorted(cells.values(), key=lambda c: c.key)
+    blocks = _by_data_blocks(preset, grid, {c.key: c for c in done}, partials, groups, contender_rank(preset))
     (table,) = [b for b in blocks if isinstance(b, Table)]
     assert [[row[1], row[2], row[3], row[4].rsplit(", ", 1)[1], row[5]] for row in table.rows] == [
         ["uce", "hrm-m", "0.900 [0.450, 1.000]", "step 2", "to the end"],
@@ -733,6 +734,25 @@ def test_a_halving_search_ends_its_survivors_exactly_as_the_full_grid_does(searc
     markdown = write_report(tmp_path / "search", tmp_path / "report")["markdown"].read_text()
     assert "Worst-case search" in markdown and "3 -> " in markdown and "(step 2)" in markdown
     assert "| circle | uce | hrm-m | " in markdown and "| circle | oracle | hrm-m | " in markdown
+
+
+def test_a_search_run_one_contender_at_a_time_keeps_every_group_in_its_record_and_report(searched, tmp_path):
+    """`--only` runs one group of the search: the next run's record keeps the groups before it,
+    and the report shows every group begun (planned from the curves, not from the record)."""
+    preset, straight = searched
+    out = tmp_path / "bench"
+    for label in ("uce", "oracle"):
+        run_bench(str(preset), out, only=[label], halving=3, progress=False)
+        store = ResultStore(out / "results.sqlite")
+        recorded = store.meta("search:preset")["groups"]
+        store.close()
+        assert [g["contender"] for g in recorded] == (["uce"] if label == "uce" else ["oracle", "uce"])
+    reference = ResultStore(straight / "results.sqlite")
+    assert recorded == reference.meta("search:preset")["groups"]
+    reference.close()
+    assert rows(out) == rows(straight)
+    search = write_report(out, tmp_path / "report")["markdown"].read_text().split("### Worst case by attack data")[0]
+    assert "| circle | uce | 3 -> " in search and "| circle | oracle | 3 -> " in search and "still running" not in search
 
 
 def test_two_shards_searching_at_once_find_what_one_process_finds(searched, tmp_path):

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unrelearn.bench.grid import contender_rank, digest
+from unrelearn.bench.grid import contender_rank, digest, expand
 from unrelearn.bench.merge import MERGED_OTHER_WEIGHTS
+from unrelearn.bench.search import GroupState, Halving
 from unrelearn.bench.store import CellResult, ResultStore, parts_of_others, select_presets
 from unrelearn.bench.tables import BROKEN_ALIGNMENT_SHARE
 from unrelearn.errors import UnrelearnError
@@ -183,10 +184,8 @@ def build_blocks(store: ResultStore, figures: Path, selected: list[str] | None =
         blocks.append(Heading(f"Preset `{name}`", 2))
         blocks.append(Paragraph(f"{entry['preset'].get('description', '')} {len(mine)} of {len(entry['cells'])} cells "
                                 f"finished. Made by `{command}`, drawn by `{drawn_by}`."))  # fmt: skip
-        search = store.meta(f"search:{name}") if entry.get("halving") is not None else None
-        if search is not None:
-            blocks += _search_blocks(search, contender_rank(entry["preset"]))
-            blocks += _by_data_blocks(entry, cells, store.partials(), search, contender_rank(entry["preset"]))
+        if entry.get("halving") is not None:
+            blocks += _search_blocks(entry, cells, store.partials(), contender_rank(entry["preset"]))
         # The models this preset attacks: a folder shared by several presets holds others too.
         attacked = {digest(c.spec["contender"]) for c in mine if "contender" in c.spec}
         own_models = {key: model for key, model in models.items() if key in attacked}
@@ -197,42 +196,49 @@ def build_blocks(store: ResultStore, figures: Path, selected: list[str] | None =
     return blocks
 
 
-def _search_blocks(search: dict[str, Any], rank) -> list[Block]:
-    """How the worst-case search narrowed the settings, and what the pruned ones had reached."""
+def _search_blocks(
+    entry: dict[str, Any], finished: dict[str, CellResult], partials: dict[tuple[str, int], list[dict[str, Any]]], rank
+) -> list[Block]:
+    """How the worst-case search narrowed the settings, what the pruned ones had reached, and the
+    worst case by attack data. The search's state is planned again from the curves in the store
+    (it is theirs alone), for every group a run has begun, whichever process ran which."""
+    grid = expand(entry["preset"], entry.get("oracles"))
+    _, states = Halving(grid, entry["halving"]).plan({k: c.points for k, c in finished.items()}, partials)
+    begun = {key for key, _ in partials} | set(finished)
+    begun_groups = {(c.concept, c.contender.label) for c in grid if c.key in begun}
+    groups = sorted((s for s in states if (s.concept, s.contender) in begun_groups), key=lambda g: (g.concept, rank(g.contender)))
     rows = []
-    for group in sorted(search["groups"], key=lambda g: (g["concept"], rank(g["contender"]))):
-        levels = [str(group["candidates"][0])] + [f"{n} (step {r})" for n, r in zip(group["candidates"][1:], group["rungs"])]
-        strongest = max(group["pruned"], key=lambda p: p["score"], default=None)
+    for group in groups:
+        levels = [str(group.candidates[0])] + [f"{n} (step {r})" for n, r in zip(group.candidates[1:], group.rungs)]
+        strongest = max(group.pruned, key=lambda p: p.score, default=None)
         rows.append([
-            group["concept"], group["contender"], " -> ".join(levels) + ("" if group["complete"] else ", still running"),
-            "none" if strongest is None else f"{strongest['score']:.3f} ({strongest['setting']}, step {strongest['rung']})",
+            group.concept, group.contender, " -> ".join(levels) + ("" if group.complete else ", still running"),
+            "none" if strongest is None else f"{strongest.score:.3f} ({strongest.setting}, step {strongest.rung})",
         ])  # fmt: skip
     return [
         Heading("Worst-case search", 3),
-        Paragraph(f"Successive halving (eta {search['eta']}): every attack setting ran to the first rung; at each "
-                  f"rung the 1/{search['eta']} settings with the highest forget rate so far (mean over seeds "
+        Paragraph(f"Successive halving (eta {entry['halving']}): every attack setting ran to the first rung; at each "
+                  f"rung the 1/{entry['halving']} settings with the highest forget rate so far (mean over seeds "
                   "of each seed's highest) continued, with every setting not clearly weaker (its interval reaching the "
                   "weakest survivor's rate), and the last rung's survivors ran to the end. The worst cases "
                   "below are over the settings run to the end; a pruned setting's forget rate is what it had reached "
                   "when it stopped (a lower bound on its own worst case)."),
         Table(["concept", "contender", "settings at each rung", "highest pruned setting: forget rate (setting, rung)"], rows),
+        *_by_data_blocks(entry["preset"], grid, finished, partials, groups, rank),
     ]
 
 
 def _by_data_blocks(
-    entry: dict[str, Any], finished: dict[str, CellResult], partials: dict[tuple[str, int], list[dict[str, Any]]],
-    search: dict[str, Any], rank,
+    preset: dict[str, Any], grid: list[Any], finished: dict[str, CellResult],
+    partials: dict[tuple[str, int], list[dict[str, Any]]], groups: list[GroupState], rank,
 ) -> list[Block]:  # fmt: skip
     """The worst case per contender and attack data, the attacks the search stopped included.
 
     Malicious data relearns fastest, so a search over every setting at once prunes the benign and
     poisoned ones early; their worst case is still a question of its own (does fine-tuning
     without the concept bring it back?), answered here as far as they ran."""
-    from unrelearn.bench.grid import expand
-
-    pruned_at = {key: p["rung"] for group in search["groups"] for p in group["pruned"] for key in p["cells"]}
+    pruned_at = {key: p.rung for group in groups for p in group.pruned for key in p.cells}
     best: dict[tuple[str, str, str], tuple[float, int, dict[str, Any], Any, str]] = {}
-    grid = expand(entry["preset"], entry.get("oracles"))
     for cell in grid:
         if cell.key in finished:
             done = finished[cell.key]
@@ -253,7 +259,7 @@ def _by_data_blocks(
             best[group] = candidate
     if not best:
         return []
-    listed = [d for a in entry["preset"]["attacks"] for d in (a["data"] if isinstance(a["data"], list) else [a["data"]])]
+    listed = [d for a in preset["attacks"] for d in (a["data"] if isinstance(a["data"], list) else [a["data"]])]
     data_order = {data: i for i, data in enumerate(dict.fromkeys(listed))}
     rows = [
         [concept, contender, data, _rate(point["forget_rate"], point.get("forget_rate_ci")),

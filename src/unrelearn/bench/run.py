@@ -27,6 +27,7 @@ import socket
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +192,7 @@ def _search(
     while True:
         finished = {c.key: c.points for c in store.cells()}
         work, states = search.plan(finished, store.partials())
-        store.set_meta(f"search:{name}", {"method": "halving", "eta": search.eta, "groups": [asdict(s) for s in states]})
+        store.update_meta(f"search:{name}", partial(_merge_search, eta=search.eta, states=[asdict(s) for s in states]))
         # A pruned setting never continues: its checkpoints (a model and optimizer state per
         # seed, gigabytes on Stable Diffusion) go.
         for pruned in (p for state in states for p in state.pruned):
@@ -230,6 +231,16 @@ def _search(
                 stage(f"waiting for {busy} cell(s) of other processes before the next rung", progress)
             waited = True
             time.sleep(SEARCH_POLL_SECONDS)
+
+
+def _merge_search(recorded: dict[str, Any] | None, eta: int, states: list[dict[str, Any]]) -> dict[str, Any]:
+    """The search's record with these groups' states: a run of some groups (``--only``,
+    ``--concept``) keeps the others' states that earlier runs recorded at the same ``eta``."""
+    ours = {(s["concept"], s["contender"]) for s in states}
+    kept = [] if recorded is None or recorded.get("eta") != eta else [
+        g for g in recorded["groups"] if (g["concept"], g["contender"]) not in ours]  # fmt: skip
+    groups = sorted(kept + states, key=lambda g: (g["concept"], g["contender"]))
+    return {"method": "halving", "eta": eta, "groups": groups}
 
 
 class _Runner:

@@ -19,7 +19,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +174,14 @@ class ResultStore:
     # -- metadata -------------------------------------------------------------------------
     def set_meta(self, name: str, value: Any) -> None:
         with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, json.dumps(value, sort_keys=True)))
+
+    def update_meta(self, name: str, update: Callable[[Any], Any]) -> None:
+        """Replace ``name``'s value by ``update(current value or None)`` in one transaction, so that
+        processes updating parts of one entry at once do not undo each other."""
+        with self._write() as db:
+            row = db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+            value = update(None if row is None else json.loads(row[0]))
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, json.dumps(value, sort_keys=True)))
 
     def meta(self, name: str) -> Any:
