@@ -636,6 +636,12 @@ def test_halving_keeps_the_strongest_third_per_contender_and_counts_finished_cel
     work, states = Halving(one_seed, eta=3).plan({}, noisy)
     assert {w.cell.attack["lr"] for w in work} == {1e-4, 1e-3} and [s.candidates for s in states] == [[3, 2], [3, 2]]
     assert Halving(one_seed, eta=3).cost(states)[0][0] == 2 * (3 * 2 + 2 * 2)
+    # Once the strongest setting has brought the concept back as often as the original model drew
+    # it (the ceiling), the worst case is settled: strict halving, ties near the top do not all run on.
+    work, states = Halving(one_seed, eta=3).plan({}, noisy, ceilings={"circle": 0.3})
+    assert {w.cell.attack["lr"] for w in work} == {1e-4} and [s.candidates for s in states] == [[3, 1], [3, 1]]
+    work, _ = Halving(one_seed, eta=3).plan({}, noisy, ceilings={"circle": 0.31})
+    assert {w.cell.attack["lr"] for w in work} == {1e-4, 1e-3}
 
     # Per contender: 3 settings x 2 seeds to step 2 (one evaluation each), 1 x 2 from 2 to 4.
     assert search.cost() == ((2 * (3 * 2 * 2 + 1 * 2 * 2), 2 * (3 * 2 + 1 * 2)), (12 * 4, 12 * 2))
@@ -672,7 +678,7 @@ def test_the_worst_case_by_attack_data_counts_the_attacks_a_search_stopped():
     (table,) = [b for b in blocks if isinstance(b, Table)]
     assert [[row[1], row[2], row[3], row[4].rsplit(", ", 1)[1], row[5]] for row in table.rows] == [
         ["uce", "hrm-m", "0.900 [0.450, 1.000]", "step 2", "to the end"],
-        ["uce", "clean", "0.300 [0.150, 0.600]", "step 2", "pruned at step 2 (a lower bound)"],
+        ["uce", "clean", "0.300 [0.150, 0.600]", "step 2", "pruned at step 2, ran to 2 (a lower bound)"],
         ["oracle", "hrm-m", "0.020 [0.010, 0.040]", "step 0", "diverged at step 1"],
         ["oracle", "clean", "0.050 [0.025, 0.100]", "step 2", "paused at step 2 (still running)"],
     ]

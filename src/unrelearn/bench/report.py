@@ -185,7 +185,7 @@ def build_blocks(store: ResultStore, figures: Path, selected: list[str] | None =
         blocks.append(Paragraph(f"{entry['preset'].get('description', '')} {len(mine)} of {len(entry['cells'])} cells "
                                 f"finished. Made by `{command}`, drawn by `{drawn_by}`."))  # fmt: skip
         if entry.get("halving") is not None:
-            blocks += _search_blocks(entry, cells, store.partials(), contender_rank(entry["preset"]))
+            blocks += _search_blocks(store, entry, cells, contender_rank(entry["preset"]))
         # The models this preset attacks: a folder shared by several presets holds others too.
         attacked = {digest(c.spec["contender"]) for c in mine if "contender" in c.spec}
         own_models = {key: model for key, model in models.items() if key in attacked}
@@ -196,14 +196,17 @@ def build_blocks(store: ResultStore, figures: Path, selected: list[str] | None =
     return blocks
 
 
-def _search_blocks(
-    entry: dict[str, Any], finished: dict[str, CellResult], partials: dict[tuple[str, int], list[dict[str, Any]]], rank
-) -> list[Block]:
+def _search_blocks(store: ResultStore, entry: dict[str, Any], finished: dict[str, CellResult], rank) -> list[Block]:
     """How the worst-case search narrowed the settings, what the pruned ones had reached, and the
     worst case by attack data. The search's state is planned again from the curves in the store
     (it is theirs alone), for every group a run has begun, whichever process ran which."""
+    from unrelearn.bench.run import search_ceilings
+
+    partials = store.partials()
     grid = expand(entry["preset"], entry.get("oracles"))
-    _, states = Halving(grid, entry["halving"]).plan({k: c.points for k, c in finished.items()}, partials)
+    search = Halving(grid, entry["halving"])
+    ceilings = search_ceilings(store, entry["preset"].get("model", "builtin:shapes"), search)
+    _, states = search.plan({k: c.points for k, c in finished.items()}, partials, ceilings)
     begun = {key for key, _ in partials} | set(finished)
     begun_groups = {(c.concept, c.contender.label) for c in grid if c.key in begun}
     groups = sorted((s for s in states if (s.concept, s.contender) in begun_groups), key=lambda g: (g.concept, rank(g.contender)))
@@ -250,7 +253,7 @@ def _by_data_blocks(
             if not paused:
                 continue
             points = partials[(cell.key, paused[-1])]
-            how_far = (f"pruned at step {pruned_at[cell.key]} (a lower bound)" if cell.key in pruned_at
+            how_far = (f"pruned at step {pruned_at[cell.key]}, ran to {paused[-1]} (a lower bound)" if cell.key in pruned_at
                        else f"paused at step {paused[-1]} (still running)")  # fmt: skip
         point = max(points, key=lambda p: (p["forget_rate"], -p["step"]))
         group = (cell.concept, cell.contender.label, cell.attack["data"])

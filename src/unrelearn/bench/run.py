@@ -191,7 +191,7 @@ def _search(
     computed, paused, waited, last = 0, 0, False, None
     while True:
         finished = {c.key: c.points for c in store.cells()}
-        work, states = search.plan(finished, store.partials())
+        work, states = search.plan(finished, store.partials(), search_ceilings(store, runner.base_model, search))
         store.update_meta(f"search:{name}", partial(_merge_search, eta=search.eta, states=[asdict(s) for s in states]))
         # A pruned setting never continues: its checkpoints (a model and optimizer state per
         # seed, gigabytes on Stable Diffusion) go.
@@ -231,6 +231,25 @@ def _search(
                 stage(f"waiting for {busy} cell(s) of other processes before the next rung", progress)
             waited = True
             time.sleep(SEARCH_POLL_SECONDS)
+
+
+def reference_key(base_model: str, concept: str, eval_config: Any) -> str:
+    """Where the store keeps the original model's evaluation on ``concept`` (its forget rate is the
+    reference: the relearn threshold is half of it, and a search's worst case is settled at it)."""
+    return digest({"model": base_model, "concept": concept, "eval": eval_config.__dict__})
+
+
+def search_ceilings(store: ResultStore, base_model: str, search: Halving) -> dict[str, float]:
+    """Per concept of the search, the original model's forget rate, where the store has it."""
+    from unrelearn.evaluate import EvalConfig
+
+    ceilings = {}
+    for (concept, _), settings in search.groups.items():
+        cell = next(iter(settings.values()))[0]
+        found = store.evaluation(reference_key(base_model, concept, EvalConfig(**cell.evaluation)))
+        if found is not None:
+            ceilings[concept] = float(found["forget_rate"])
+    return ceilings
 
 
 def _merge_search(recorded: dict[str, Any] | None, eta: int, states: list[dict[str, Any]]) -> dict[str, Any]:
@@ -321,7 +340,7 @@ class _Runner:
         from unrelearn.assets import load_model
         from unrelearn.evaluate import evaluate
 
-        key = digest({"model": self.base_model, "concept": concept, "eval": eval_config.__dict__})
+        key = reference_key(self.base_model, concept, eval_config)
 
         def compute() -> dict[str, Any]:
             stage(f"evaluating {self.base_model} on {concept!r} (the reference forget rate)", self.progress)

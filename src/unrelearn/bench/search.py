@@ -8,7 +8,10 @@ first rung, an evaluated step; the ``1/eta`` settings with the highest forget ra
 over seeds of each seed's highest) continue to the next rung, and so does every setting that
 is not clearly weaker (the upper ends of its intervals reach the weakest survivor's rate: early
 in an attack on a robust model every rate is near zero, and ranking noise prunes at random);
-the survivors of the last rung run to the end. Paused attacks resume from their checkpoints, so a survivor's curve
+the survivors of the last rung run to the end. Once a setting has brought the concept back as
+often as the original model drew it (the group's score reaches the ``ceiling``, the original's
+forget rate), the worst case is settled and the rest is strict halving: at that level the rates
+are not noise, and settings tied near the top would otherwise all run to the end. Paused attacks resume from their checkpoints, so a survivor's curve
 is exactly the uninterrupted attack's, and a cell finished by the full grid counts at every rung.
 
 What it can miss: a setting that relearns late (a low learning rate) may rank low at the first
@@ -109,10 +112,11 @@ class Halving:
         return (searched[0], searched[1]), (full[0], full[1])
 
     def plan(
-        self, finished: dict[str, list[dict[str, Any]]], partials: dict[tuple[str, int], list[dict[str, Any]]]
+        self, finished: dict[str, list[dict[str, Any]]], partials: dict[tuple[str, int], list[dict[str, Any]]],
+        ceilings: dict[str, float] | None = None,
     ) -> tuple[list[Work], list[GroupState]]:
-        """What can run now, and each group's state, given the finished cells' curves and the
-        paused attacks' curves."""
+        """What can run now, and each group's state, given the finished cells' curves, the paused
+        attacks' curves and, per concept, the original model's forget rate (``ceilings``)."""
 
         def curve(cell: Cell, rung: int | None) -> list[dict[str, Any]] | None:
             # The paused curve first: the rung was decided on it (a finished cell's curve agrees
@@ -152,9 +156,12 @@ class Halving:
                 keep = math.ceil(len(ranked) / self.eta)
                 # A setting continues unless it is clearly weaker: the upper ends of its
                 # intervals stay below the weakest survivor's rate. On a model that nothing has
-                # relearned yet the rates are noise, and ranking on them prunes at random.
+                # relearned yet the rates are noise, and ranking on them prunes at random. A
+                # settled worst case (the concept fully back) needs no such care.
                 bar = scores[ranked[keep - 1]]
-                survivors = ranked[:keep] + [s for s in ranked[keep:] if score(settings[s], rung, bound=1) >= bar]
+                settled = concept in (ceilings or {}) and scores[ranked[0]] >= (ceilings or {})[concept]
+                unclear = [] if settled else [s for s in ranked[keep:] if score(settings[s], rung, bound=1) >= bar]
+                survivors = ranked[:keep] + unclear
                 state.pruned += [Pruned(attack_label(settings[s][0].attack), rung, scores[s], [c.key for c in settings[s]])
                                  for s in ranked if s not in survivors]  # fmt: skip
                 candidates = survivors
