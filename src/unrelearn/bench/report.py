@@ -223,7 +223,8 @@ def _search_blocks(store: ResultStore, entry: dict[str, Any], finished: dict[str
         Paragraph(f"Successive halving (eta {entry['halving']}): every attack setting ran to the first rung; at each "
                   f"rung the 1/{entry['halving']} settings with the highest forget rate so far (mean over seeds "
                   "of each seed's highest) continued, with every setting not clearly weaker (its interval reaching the "
-                  "weakest survivor's rate), and the last rung's survivors ran to the end. The worst cases "
+                  "weakest survivor's rate) until the strongest had brought the concept back as often as the original "
+                  "model drew it (the worst case settled), and the last rung's survivors ran to the end. The worst cases "
                   "below are over the settings run to the end; a pruned setting's forget rate is what it had reached "
                   "when it stopped (a lower bound on its own worst case)."),
         Table(["concept", "contender", "settings at each rung", "highest pruned setting: forget rate (setting, rung)"], rows),
