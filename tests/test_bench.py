@@ -443,7 +443,7 @@ def test_bench_cli_errors_are_one_line(tmp_path):
 COMMITTED_BENCH = Path(__file__).parents[1] / "docs" / "bench" / "shapes"
 
 
-@pytest.mark.parametrize("preset", ["durability", "table1"])
+@pytest.mark.parametrize("preset", ["durability", "table1", "adaptive"])
 def test_a_committed_report_is_what_its_committed_results_draw(preset, tmp_path):
     """docs/bench/shapes is a benchmark folder committed without its weights: each report in it,
     redrawn from its store elsewhere, is the committed text, so no number in it was edited by hand."""
