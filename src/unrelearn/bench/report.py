@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unrelearn.bench.grid import contender_rank, digest, expand
+from unrelearn.bench.grid import Cell, contender_rank, digest, expand
 from unrelearn.bench.merge import MERGED_OTHER_WEIGHTS
 from unrelearn.bench.search import GroupState, Halving
 from unrelearn.bench.store import CellResult, ResultStore, parts_of_others, select_presets
@@ -233,7 +233,7 @@ def _search_blocks(store: ResultStore, entry: dict[str, Any], finished: dict[str
 
 
 def _by_data_blocks(
-    preset: dict[str, Any], grid: list[Any], finished: dict[str, CellResult],
+    preset: dict[str, Any], grid: list[Cell], finished: dict[str, CellResult],
     partials: dict[tuple[str, int], list[dict[str, Any]]], groups: list[GroupState], rank,
 ) -> list[Block]:  # fmt: skip
     """The worst case per contender and attack data, the attacks the search stopped included.
@@ -242,6 +242,9 @@ def _by_data_blocks(
     poisoned ones early; their worst case is still a question of its own (does fine-tuning
     without the concept bring it back?), answered here as far as they ran."""
     pruned_at = {key: p.rung for group in groups for p in group.pruned for key in p.cells}
+    paused_at: dict[str, int] = {}
+    for key, step in partials:
+        paused_at[key] = max(step, paused_at.get(key, step))
     best: dict[tuple[str, str, str], tuple[float, int, dict[str, Any], Any, str]] = {}
     for cell in grid:
         if cell.key in finished:
@@ -250,12 +253,12 @@ def _by_data_blocks(
             diverged = done.summary.get("diverged_at")
             how_far = "to the end" if diverged is None else f"diverged at step {diverged}"
         else:
-            paused = sorted(step for key, step in partials if key == cell.key)
-            if not paused:
+            if cell.key not in paused_at:
                 continue
-            points = partials[(cell.key, paused[-1])]
-            how_far = (f"pruned at step {pruned_at[cell.key]}, ran to {paused[-1]} (a lower bound)" if cell.key in pruned_at
-                       else f"paused at step {paused[-1]} (still running)")  # fmt: skip
+            last = paused_at[cell.key]
+            points = partials[(cell.key, last)]
+            how_far = (f"pruned at step {pruned_at[cell.key]}, ran to {last} (a lower bound)" if cell.key in pruned_at
+                       else f"paused at step {last} (still running)")  # fmt: skip
         point = max(points, key=lambda p: (p["forget_rate"], -p["step"]))
         group = (cell.concept, cell.contender.label, cell.attack["data"])
         candidate = (point["forget_rate"], -point["step"], point, cell, how_far)

@@ -136,6 +136,7 @@ class Halving:
             highs = [max(value(p) for p in curve(c, rung) if p["step"] <= rung) for c in cells]
             return sum(highs) / len(highs)
 
+        ceilings = ceilings or {}
         work: list[Work] = []
         states: list[GroupState] = []
         for (concept, contender), settings in sorted(self.groups.items()):
@@ -159,7 +160,7 @@ class Halving:
                 # relearned yet the rates are noise, and ranking on them prunes at random. A
                 # settled worst case (the concept fully back) needs no such care.
                 bar = scores[ranked[keep - 1]]
-                settled = concept in (ceilings or {}) and scores[ranked[0]] >= (ceilings or {})[concept]
+                settled = concept in ceilings and scores[ranked[0]] >= ceilings[concept]
                 unclear = [] if settled else [s for s in ranked[keep:] if score(settings[s], rung, bound=1) >= bar]
                 survivors = ranked[:keep] + unclear
                 state.pruned += [Pruned(attack_label(settings[s][0].attack), rung, scores[s], [c.key for c in settings[s]])
