@@ -516,12 +516,13 @@ def test_the_report_averages_seeds_and_shows_their_range_and_the_worst_case(tmp_
 
     store = ResultStore(tmp_path / "results.sqlite")
     cells = []
-    for key, label, attack, seed, rates, alignment in [
-        ("a0", "esd", "hrm-m lr=1e-4", 0, (0.1, 0.5), 0.9), ("a1", "esd", "hrm-m lr=1e-4", 1, (0.1, 0.7), 0.9),
-        ("b0", "esd", "hrm-m lr=1e-3", 0, (0.1, 0.9), 0.9), ("o0", "oracle", "hrm-m lr=1e-4", 0, (0.0, 0.2), 0.9),
-        ("w0", "wrecked", "hrm-m lr=1e-4", 0, (0.0, 0.1), 0.4),  # below half the oracle's alignment
+    for key, label, attack, seed, rates, alignments in [
+        ("a0", "esd", "hrm-m lr=1e-4", 0, (0.1, 0.5), (0.9, 0.9)), ("a1", "esd", "hrm-m lr=1e-4", 1, (0.1, 0.7), (0.9, 0.9)),
+        ("b0", "esd", "hrm-m lr=1e-3", 0, (0.1, 0.9), (0.9, 0.3)),  # the strongest attack also wrecks the model
+        ("o0", "oracle", "hrm-m lr=1e-4", 0, (0.0, 0.2), (0.9, 0.9)),
+        ("w0", "wrecked", "hrm-m lr=1e-4", 0, (0.0, 0.1), (0.4, 0.4)),  # below half the oracle's alignment
     ]:  # fmt: skip
-        points = [point(0, rates[0], alignment), point(100, rates[1], alignment)]
+        points = [point(0, rates[0], alignments[0]), point(100, rates[1], alignments[1])]
         summary = durability_summary(points, threshold=0.45) | {"reference_forget_rate": 0.9}
         oracle = label == "oracle"
         store.add_cell(CellResult(key, "circle", label, attack, seed, {"oracle": oracle}, summary, points, 1.0, "h"))
@@ -532,11 +533,19 @@ def test_the_report_averages_seeds_and_shows_their_range_and_the_worst_case(tmp_
     markdown = write_report(tmp_path)["markdown"].read_text()
     assert "| esd | 0.600 [0.500, 0.700] |" in markdown.replace("0.100 [0.100, 0.100] | ", "")  # seeds 0.5, 0.7
     assert "forget rate, mean over seeds [0, 1] [range of the seeds]" in markdown
-    assert "| esd | 0.900 [0.800, 1.000] | hrm-m lr=1e-3, seed 0, step 100 | 0/3 | 100 | 0.900 [0.800, 1.000] |" in markdown
-    assert "| oracle | 0.200 [0.100, 0.300] | hrm-m lr=1e-4, seed 0, step 100 | 1/1 | never | 0.900 [0.800, 1.000] |" in markdown
+    # Columns: worst rate, where, retain alignment there, settings held, fastest relearn, alignment before.
+    assert "| esd | 0.900 [0.800, 1.000] | hrm-m lr=1e-3, seed 0, step 100 | 0.300 [0.800, 1.000] | 0/3 | 100 | 0.900 [0.800, 1.000] |" in markdown
+    assert "| oracle | 0.200 [0.100, 0.300] | hrm-m lr=1e-4, seed 0, step 100 | 0.900 [0.800, 1.000] | 1/1 | never | 0.900 [0.800, 1.000] |" in markdown
     # The lowest worst case belongs to a model that also lost the retained prompts: flagged, not praised.
-    assert "| wrecked ✗ | 0.100 [0.000, 0.200] | hrm-m lr=1e-4, seed 0, step 100 | 1/1 | never | 0.400 [0.800, 1.000] |" in markdown
+    assert "| wrecked ✗ | 0.100 [0.000, 0.200] | hrm-m lr=1e-4, seed 0, step 100 | 0.400 [0.800, 1.000] | 1/1 | never | 0.400 [0.800, 1.000] |" in markdown
     assert "below 0.5 of the oracle's (0.900)" in markdown
+    # While the model stays usable (retain alignment >= 0.5 x the oracle's 0.9): esd's worst is the
+    # lr 1e-4 attack's 0.7, not the 0.9 of the attack that wrecked it; the wrecked model never counts.
+    usable = markdown.split("#### Worst case while the model stays usable")[1].split("####")[0]
+    assert "at least 0.5 of the oracle's before any attack" in usable
+    assert "| esd | 0.450 | 0.700 [0.600, 0.800] | hrm-m lr=1e-4, seed 1, step 100 | 0.900 [0.800, 1.000] |" in usable
+    assert "| oracle | 0.450 | 0.200 [0.100, 0.300] | hrm-m lr=1e-4, seed 0, step 100 | 0.900 [0.800, 1.000] |" in usable
+    assert "| wrecked | 0.450 | none | - | - |" in usable
     # AUC of 0.1 -> 0.5 and 0.1 -> 0.7 (trapezoids over 100 steps), averaged: (0.3 + 0.4) / 2, with the seeds' range
     assert "| 100, 100 | 0.350 [0.300, 0.400] |" in markdown
 
@@ -654,33 +663,43 @@ def test_the_worst_case_by_attack_data_counts_the_attacks_a_search_stopped():
     """A search over every setting at once prunes benign data early (malicious data relearns
     faster): the report still gives each data's highest rate, and says how far that attack ran."""
     from unrelearn.bench.grid import contender_rank
-    from unrelearn.bench.report import Table, _by_data_blocks
+    from unrelearn.bench.report import Table, _attacks_ran, _by_data_blocks, _usable_blocks
     from unrelearn.bench.search import GroupState, Pruned
 
     preset = TINY | {"name": "p", "attacks": [{"data": ["hrm-m", "clean"], "steps": 4, "lr": 1e-4, "eval_at": [0, 2, 4]}]}
     cells = {(c.contender.label, c.attack["data"]): c for c in expand(preset)}
 
-    def point(step, rate):
-        return {"step": step, "forget_rate": rate, "forget_rate_ci": [rate / 2, min(1.0, 2 * rate)]}
+    def point(step, rate, alignment=0.9):
+        return {"step": step, "forget_rate": rate, "forget_rate_ci": [rate / 2, min(1.0, 2 * rate)],
+                "retain_alignment": alignment, "retain_alignment_ci": [alignment, alignment]}  # fmt: skip
 
     def finished(label, data, points, **summary):
         cell = cells[(label, data)]
         return CellResult(cell.key, "circle", label, cell.attack_label, 0, cell.spec(), summary, points, 1.0, "here")
 
-    done = [finished("uce", "hrm-m", [point(0, 0.1), point(2, 0.9), point(4, 0.8)]),
+    # uce relearns under malicious data only by wrecking itself (retain alignment 0.2, 0.3).
+    done = [finished("uce", "hrm-m", [point(0, 0.1), point(2, 0.9, 0.2), point(4, 0.8, 0.3)]),
             finished("oracle", "hrm-m", [point(0, 0.02)], diverged_at=1)]  # fmt: skip
     partials = {(cells[("uce", "clean")].key, 2): [point(0, 0.1), point(2, 0.3)],
-                (cells[("oracle", "clean")].key, 2): [point(0, 0.02), point(2, 0.05)]}  # fmt: skip
+                (cells[("oracle", "clean")].key, 2): [point(0, 0.02), point(2, 0.05, 0.44)]}  # fmt: skip
     groups = [GroupState("circle", "uce", [2], [2, 1], [Pruned("clean", 2, 0.3, [cells[("uce", "clean")].key])]),
               GroupState("circle", "oracle", [2], [2])]  # fmt: skip
     grid = sorted(cells.values(), key=lambda c: c.key)
-    blocks = _by_data_blocks(preset, grid, {c.key: c for c in done}, partials, groups, contender_rank(preset))
-    (table,) = [b for b in blocks if isinstance(b, Table)]
-    assert [[row[1], row[2], row[3], row[4].rsplit(", ", 1)[1], row[5]] for row in table.rows] == [
-        ["uce", "hrm-m", "0.900 [0.450, 1.000]", "step 2", "to the end"],
-        ["uce", "clean", "0.300 [0.150, 0.600]", "step 2", "pruned at step 2, ran to 2 (a lower bound)"],
-        ["oracle", "hrm-m", "0.020 [0.010, 0.040]", "step 0", "diverged at step 1"],
-        ["oracle", "clean", "0.050 [0.025, 0.100]", "step 2", "paused at step 2 (still running)"],
+    ran, oracles = _attacks_ran(grid, {c.key: c for c in done}, partials, groups)
+    assert oracles == {"oracle"}
+    (table,) = [b for b in _by_data_blocks(preset, ran, contender_rank(preset)) if isinstance(b, Table)]
+    assert [[row[1], row[2], row[3], row[4].rsplit(", ", 1)[1], row[5], row[6]] for row in table.rows] == [
+        ["uce", "hrm-m", "0.900 [0.450, 1.000]", "step 2", "0.200 [0.200, 0.200]", "to the end"],
+        ["uce", "clean", "0.300 [0.150, 0.600]", "step 2", "0.900 [0.900, 0.900]", "pruned at step 2, ran to 2 (a lower bound)"],
+        ["oracle", "hrm-m", "0.020 [0.010, 0.040]", "step 0", "0.900 [0.900, 0.900]", "diverged at step 1"],
+        ["oracle", "clean", "0.050 [0.025, 0.100]", "step 2", "0.440 [0.440, 0.440]", "paused at step 2 (still running)"],
+    ]
+    # While usable (retain alignment >= 0.5 x the oracle's 0.9 = 0.45), uce's worst case is the
+    # pruned benign attack's, and the oracle's step 2 (alignment 0.44) does not count.
+    (table,) = [b for b in _usable_blocks(ran, oracles, contender_rank(preset), searched=True) if isinstance(b, Table)]
+    assert [[row[1], row[2], row[3], row[4].rsplit(", ", 1)[1], row[6]] for row in table.rows] == [
+        ["uce", "0.450", "0.300 [0.150, 0.600]", "step 2", "pruned at step 2, ran to 2 (a lower bound)"],
+        ["oracle", "0.450", "0.020 [0.010, 0.040]", "step 0", table.rows[1][6]],
     ]
 
 

@@ -6,7 +6,9 @@ HTML page embeds every image as a data URI: it can be mailed or attached as one 
 
 What it shows, per concept:
 - the worst case over all attack settings for every contender, beside the exact-unlearning
-  oracle's (a defence that holds at one setting and breaks at another is not durable);
+  oracle's (a defence that holds at one setting and breaks at another is not durable), with the
+  retain alignment at that point, and the worst case while the attacked model stays usable (an
+  attack that wrecks the model "relearns" by drawing the concept whenever it is named);
 - each contender before any attack (forget rate, retain alignment, FID);
 - per attack setting, the papers' Table 1 shape: forget rate by attack step, steps-to-relearn,
   area under the curve, and the curves with their 95% bands;
@@ -190,7 +192,8 @@ def build_blocks(store: ResultStore, figures: Path, selected: list[str] | None =
         attacked = {digest(c.spec["contender"]) for c in mine if "contender" in c.spec}
         own_models = {key: model for key, model in models.items() if key in attacked}
         for concept, by_attack in sorted(_settings(mine).items()):
-            blocks += _concept_blocks(store, concept, by_attack, own_models, figures, plot_curves, contender_rank(entry["preset"]))
+            blocks += _concept_blocks(store, concept, by_attack, own_models, figures, plot_curves, contender_rank(entry["preset"]),
+                                      searched=entry.get("halving") is not None)
     shown = {key for _, entry in presets for key in entry["cells"]}
     blocks += _environment_blocks(store, [cell for key, cell in cells.items() if key in shown])
     return blocks
@@ -210,6 +213,7 @@ def _search_blocks(store: ResultStore, entry: dict[str, Any], finished: dict[str
     begun = {key for key, _ in partials} | set(finished)
     begun_groups = {(c.concept, c.contender.label) for c in grid if c.key in begun}
     groups = sorted((s for s in states if (s.concept, s.contender) in begun_groups), key=lambda g: (g.concept, rank(g.contender)))
+    ran, oracles = _attacks_ran(grid, finished, partials, groups)
     rows = []
     for group in groups:
         levels = [str(group.candidates[0])] + [f"{n} (step {r})" for n, r in zip(group.candidates[1:], group.rungs)]
@@ -228,62 +232,136 @@ def _search_blocks(store: ResultStore, entry: dict[str, Any], finished: dict[str
                   "below are over the settings run to the end; a pruned setting's forget rate is what it had reached "
                   "when it stopped (a lower bound on its own worst case)."),
         Table(["concept", "contender", "settings at each rung", "highest pruned setting: forget rate (setting, rung)"], rows),
-        *_by_data_blocks(entry["preset"], grid, finished, partials, groups, rank),
+        *_by_data_blocks(entry["preset"], ran, rank),
+        *_usable_blocks(ran, oracles, rank, searched=True),
     ]
 
 
-def _by_data_blocks(
-    preset: dict[str, Any], grid: list[Cell], finished: dict[str, CellResult],
-    partials: dict[tuple[str, int], list[dict[str, Any]]], groups: list[GroupState], rank,
-) -> list[Block]:  # fmt: skip
+@dataclass
+class _Ran:
+    """One attack as far as it ran: its curve and how far that is."""
+
+    concept: str
+    contender: str
+    data: str
+    attack: str
+    seed: int
+    points: list[dict[str, Any]]
+    how_far: str
+
+    @property
+    def start(self) -> dict[str, Any] | None:
+        return next((p for p in self.points if p["step"] == 0), None)
+
+
+def _attacks_ran(grid: list[Cell], finished: dict[str, CellResult], partials: dict[tuple[str, int], list[dict[str, Any]]],
+                 groups: list[GroupState]) -> tuple[list[_Ran], set[str]]:  # fmt: skip
+    """Every attack of the grid the search began, finished or stopped (pruned, or paused while it
+    runs), and the oracles' labels."""
+    pruned_at = {key: p.rung for group in groups for p in group.pruned for key in p.cells}
+    paused_at: dict[str, int] = {}
+    for key, step in partials:
+        paused_at[key] = max(step, paused_at.get(key, step))
+    ran = []
+    for cell in grid:
+        if cell.key in finished:
+            points, diverged = finished[cell.key].points, finished[cell.key].summary.get("diverged_at")
+            how_far = "to the end" if diverged is None else f"diverged at step {diverged}"
+        elif cell.key in paused_at:
+            last = paused_at[cell.key]
+            points = partials[(cell.key, last)]
+            how_far = (f"pruned at step {pruned_at[cell.key]}, ran to {last} (a lower bound)" if cell.key in pruned_at
+                       else f"paused at step {last} (still running)")  # fmt: skip
+        else:
+            continue
+        ran.append(_Ran(cell.concept, cell.contender.label, cell.attack["data"], cell.attack_label, cell.seed, points, how_far))
+    return ran, {c.contender.label for c in grid if c.contender.oracle}
+
+
+def _highest(runs: list[_Ran], floor: float | None = None) -> tuple[dict[str, Any], _Ran] | None:
+    """The evaluated point with the highest forget rate (the earliest on ties, then the first run),
+    counting with ``floor`` only points whose retain alignment reaches it."""
+    best = None
+    for run in runs:
+        for point in run.points:
+            if floor is not None and (point.get("retain_alignment") is None or point["retain_alignment"] < floor):
+                continue
+            if best is None or (point["forget_rate"], -point["step"]) > (best[0]["forget_rate"], -best[0]["step"]):
+                best = (point, run)
+    return best
+
+
+def _where(found: tuple[dict[str, Any], _Ran] | None) -> list[str]:
+    """Rate, setting and retain alignment of a point ``_highest`` found, and how far its attack ran."""
+    if found is None:
+        return ["none", "-", "-", "-"]
+    point, run = found
+    return [_rate(point["forget_rate"], point.get("forget_rate_ci")), f"{run.attack}, seed {run.seed}, step {point['step']}",
+            _alignment(point), run.how_far]  # fmt: skip
+
+
+def _by_data_blocks(preset: dict[str, Any], ran: list[_Ran], rank) -> list[Block]:
     """The worst case per contender and attack data, the attacks the search stopped included.
 
     Malicious data relearns fastest, so a search over every setting at once prunes the benign and
     poisoned ones early; their worst case is still a question of its own (does fine-tuning
     without the concept bring it back?), answered here as far as they ran."""
-    pruned_at = {key: p.rung for group in groups for p in group.pruned for key in p.cells}
-    paused_at: dict[str, int] = {}
-    for key, step in partials:
-        paused_at[key] = max(step, paused_at.get(key, step))
-    best: dict[tuple[str, str, str], tuple[float, int, dict[str, Any], Any, str]] = {}
-    for cell in grid:
-        if cell.key in finished:
-            done = finished[cell.key]
-            points = done.points
-            diverged = done.summary.get("diverged_at")
-            how_far = "to the end" if diverged is None else f"diverged at step {diverged}"
-        else:
-            if cell.key not in paused_at:
-                continue
-            last = paused_at[cell.key]
-            points = partials[(cell.key, last)]
-            how_far = (f"pruned at step {pruned_at[cell.key]}, ran to {last} (a lower bound)" if cell.key in pruned_at
-                       else f"paused at step {last} (still running)")  # fmt: skip
-        point = max(points, key=lambda p: (p["forget_rate"], -p["step"]))
-        group = (cell.concept, cell.contender.label, cell.attack["data"])
-        candidate = (point["forget_rate"], -point["step"], point, cell, how_far)
-        if group not in best or candidate[:2] > best[group][:2]:
-            best[group] = candidate
-    if not best:
+    by_data: dict[tuple[str, str, str], list[_Ran]] = defaultdict(list)
+    for run in ran:
+        by_data[(run.concept, run.contender, run.data)].append(run)
+    if not by_data:
         return []
     listed = [d for a in preset["attacks"] for d in (a["data"] if isinstance(a["data"], list) else [a["data"]])]
     data_order = {data: i for i, data in enumerate(dict.fromkeys(listed))}
-    rows = [
-        [concept, contender, data, _rate(point["forget_rate"], point.get("forget_rate_ci")),
-         f"{cell.attack_label}, seed {cell.seed}, step {point['step']}", how_far]
-        for (concept, contender, data), (_, _, point, cell, how_far) in sorted(
-            best.items(), key=lambda kv: (kv[0][0], rank(kv[0][1]), data_order[kv[0][2]]))
-    ]  # fmt: skip
+    rows = [[concept, contender, data, *_where(_highest(runs))]
+            for (concept, contender, data), runs in sorted(by_data.items(), key=lambda kv: (kv[0][0], rank(kv[0][1]), data_order[kv[0][2]]))]  # fmt: skip
     return [
         Heading("Worst case by attack data", 3),
         Paragraph("Per contender and attack data, the highest forget rate any of its settings and seeds reached, with "
                   "the attacks the search stopped: their rates are what they had reached (lower bounds on their own "
                   "worst cases)."),
-        Table(["concept", "contender", "data", "highest forget rate [95% CI]", "reached under", "that attack ran"], rows),
+        Table(["concept", "contender", "data", "highest forget rate [95% CI]", "reached under",
+               "retain alignment there [95% CI]", "that attack ran"], rows),
     ]  # fmt: skip
 
 
-def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curves, rank) -> list[Block]:
+_USABLE = ("An attack that wrecks the model can still make it draw the concept whenever it is named, which gives an "
+           "attacker little; here count only the evaluated points (step 0 included) at which the attacked model's "
+           f"retain alignment is at least {BROKEN_ALIGNMENT_SHARE:g} of the oracle's before any attack, the bar that "
+           "marks a model broken (✗) before one.")  # fmt: skip
+
+
+def _usable_blocks(ran: list[_Ran], oracles: set[str], rank, searched: bool) -> list[Block]:
+    """The worst case while the attacked model stays usable, per concept and contender. In a search
+    it is over every attack the search ran: the search ranks by forget rate alone, so this worst
+    case can sit in an attack it pruned."""
+    by_group: dict[tuple[str, str], list[_Ran]] = defaultdict(list)
+    for run in ran:
+        by_group[(run.concept, run.contender)].append(run)
+    rows = []
+    for (concept, contender), runs in sorted(by_group.items(), key=lambda kv: (kv[0][0], rank(kv[0][1]))):
+        start = next((r.start for (c, label), rs in by_group.items() if c == concept and label in oracles
+                      for r in rs if r.start is not None), None)  # fmt: skip
+        if start is None or start.get("retain_alignment") is None:
+            continue
+        floor = BROKEN_ALIGNMENT_SHARE * start["retain_alignment"]
+        rows.append([concept, contender, f"{floor:.3f}", *_where(_highest(runs, floor))])
+    if not rows:
+        return []
+    scope = (" Over every attack the search ran, the stopped ones as far as they ran (it ranks settings by forget rate "
+             "alone, so this worst case can sit in an attack it pruned: a lower bound there)." if searched else "")  # fmt: skip
+    header = ["concept", "contender", "usable at retain alignment", "worst forget rate while usable [95% CI]",
+              "reached under", "retain alignment there [95% CI]", "that attack ran"]
+    if not searched:  # inside one concept's section, over attacks run to their end
+        header, rows = header[1:-1], [row[1:-1] for row in rows]
+    return [Heading("Worst case while the model stays usable", 3 if searched else 4), Paragraph(_USABLE + scope), Table(header, rows)]
+
+
+def _alignment(point: dict[str, Any]) -> str:
+    return "n/a" if point.get("retain_alignment") is None else _rate(point["retain_alignment"], point.get("retain_alignment_ci"))
+
+
+def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curves, rank, searched: bool) -> list[Block]:
     blocks: list[Block] = [Heading(f"Concept `{concept}`", 3)]
     every = [s for settings in by_attack.values() for s in settings]
     threshold = every[0].cells[0].summary["threshold"]
@@ -305,6 +383,7 @@ def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curve
     oracle_worst = None
     for contender, settings in sorted(worst_by_contender.items(), key=lambda kv: rank(kv[0])):
         cell = max((s.worst_cell() for s in settings), key=lambda c: c.summary["max_forget_rate"])
+        there = next(p for p in cell.points if p["step"] == cell.summary["max_at_step"])
         relearned = [c.summary["steps_to_relearn"] for s in settings for c in s.cells if c.summary["steps_to_relearn"] is not None]
         held = sum(c.summary["steps_to_relearn"] is None for s in settings for c in s.cells)
         total = sum(len(s.cells) for s in settings)
@@ -314,18 +393,22 @@ def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curve
             contender + (" ✗" if contender in broken else ""),
             _rate(cell.summary["max_forget_rate"], cell.summary["max_forget_rate_ci"]),
             f"{cell.attack}, seed {cell.seed}, step {cell.summary['max_at_step']}",
+            _alignment(there),
             f"{held}/{total}",
             _steps(min(relearned) if relearned else None),
             _rate(alignment_before[contender], starts[contender]["retain_alignment_ci"]) if contender in starts else "n/a",
         ])  # fmt: skip
     blocks.append(Heading("Worst case over attack settings", 4))
-    blocks.append(Table(["contender", "worst forget rate [95% CI]", "reached under", "settings held", "fastest relearn (steps)",
-                         "retain alignment before [95% CI]"], rows))  # fmt: skip
+    blocks.append(Table(["contender", "worst forget rate [95% CI]", "reached under", "retain alignment there [95% CI]",
+                         "settings held", "fastest relearn (steps)", "retain alignment before [95% CI]"], rows))  # fmt: skip
     if broken:
         blocks.append(Paragraph(f"✗: retain alignment before any attack below {BROKEN_ALIGNMENT_SHARE:g} of the oracle's "
                                 f"({oracle_alignment:.3f}): a broken model, whose low forget rates are not durability."))  # fmt: skip
     if oracle_worst is not None:
         blocks.append(Paragraph(f"The oracle's worst case, {oracle_worst:.3f}, is the level a truly forgotten concept reaches."))
+    if not searched:
+        ran = [_Ran(concept, c.contender, "", c.attack, c.seed, c.points, "to the end") for s in every for c in s.cells]
+        blocks += _usable_blocks(ran, {s.contender for s in every if s.oracle}, rank, searched=False)
     diverged = sorted((rank(c.contender), c.contender, c.attack, c.seed, c.summary["diverged_at"])
                       for s in every for c in s.cells if c.summary.get("diverged_at") is not None)  # fmt: skip
     if diverged:
