@@ -326,9 +326,9 @@ def _by_data_blocks(preset: dict[str, Any], ran: list[_Ran], rank) -> list[Block
 
 
 _USABLE = ("An attack that wrecks the model can still make it draw the concept whenever it is named, which gives an "
-           "attacker little; here count only the evaluated points (step 0 included) at which the attacked model's "
-           f"retain alignment is at least {BROKEN_ALIGNMENT_SHARE:g} of the oracle's before any attack, the bar that "
-           "marks a model broken (✗) before one.")  # fmt: skip
+           "attacker little. Here only the evaluated points (step 0 included) count at which the attacked model's "
+           f"retain alignment is at least {BROKEN_ALIGNMENT_SHARE:g} of the oracle's before any attack: the bar that "
+           "marks a model broken (✗) before it is attacked.")  # fmt: skip
 
 
 def _usable_blocks(ran: list[_Ran], oracles: set[str], rank, searched: bool) -> list[Block]:
