@@ -511,16 +511,17 @@ def test_the_report_averages_seeds_and_shows_their_range_and_the_worst_case(tmp_
 
     def point(step, rate, alignment=0.9):
         return {"step": step, "forget_rate": rate, "forget_rate_ci": [rate - 0.1, rate + 0.1], "retain_alignment": alignment,
-                "retain_alignment_ci": [0.8, 1.0], "precision": 0.7, "precision_ci": [0.6, 0.8], "fid": 100.0,
-                "kid": 0.01, "kid_std": 0.005}  # fmt: skip
+                "retain_alignment_ci": [alignment - 0.1, alignment + 0.1], "precision": 0.7, "precision_ci": [0.6, 0.8],
+                "fid": 100.0, "kid": 0.01, "kid_std": 0.005}  # fmt: skip
 
     store = ResultStore(tmp_path / "results.sqlite")
     cells = []
     for key, label, attack, seed, rates, alignments in [
-        ("a0", "esd", "hrm-m lr=1e-4", 0, (0.1, 0.5), (0.9, 0.9)), ("a1", "esd", "hrm-m lr=1e-4", 1, (0.1, 0.7), (0.9, 0.9)),
+        ("a0", "esd", "hrm-m lr=1e-4", 0, (0.1, 0.5), (0.9, 0.9)),
+        ("a1", "esd", "hrm-m lr=1e-4", 1, (0.1, 0.7), (0.9, 0.4)),  # 0.4 [0.3, 0.5]: not clearly below 0.45
         ("b0", "esd", "hrm-m lr=1e-3", 0, (0.1, 0.9), (0.9, 0.3)),  # the strongest attack also wrecks the model
         ("o0", "oracle", "hrm-m lr=1e-4", 0, (0.0, 0.2), (0.9, 0.9)),
-        ("w0", "wrecked", "hrm-m lr=1e-4", 0, (0.0, 0.1), (0.4, 0.4)),  # below half the oracle's alignment
+        ("w0", "wrecked", "hrm-m lr=1e-4", 0, (0.0, 0.1), (0.3, 0.3)),  # below half the oracle's alignment
     ]:  # fmt: skip
         points = [point(0, rates[0], alignments[0]), point(100, rates[1], alignments[1])]
         summary = durability_summary(points, threshold=0.45) | {"reference_forget_rate": 0.9}
@@ -534,16 +535,17 @@ def test_the_report_averages_seeds_and_shows_their_range_and_the_worst_case(tmp_
     assert "| esd | 0.600 [0.500, 0.700] |" in markdown.replace("0.100 [0.100, 0.100] | ", "")  # seeds 0.5, 0.7
     assert "forget rate, mean over seeds [0, 1] [range of the seeds]" in markdown
     # Columns: worst rate, where, retain alignment there, settings held, fastest relearn, alignment before.
-    assert "| esd | 0.900 [0.800, 1.000] | hrm-m lr=1e-3, seed 0, step 100 | 0.300 [0.800, 1.000] | 0/3 | 100 | 0.900 [0.800, 1.000] |" in markdown
+    assert "| esd | 0.900 [0.800, 1.000] | hrm-m lr=1e-3, seed 0, step 100 | 0.300 [0.200, 0.400] | 0/3 | 100 | 0.900 [0.800, 1.000] |" in markdown
     assert "| oracle | 0.200 [0.100, 0.300] | hrm-m lr=1e-4, seed 0, step 100 | 0.900 [0.800, 1.000] | 1/1 | never | 0.900 [0.800, 1.000] |" in markdown
     # The lowest worst case belongs to a model that also lost the retained prompts: flagged, not praised.
-    assert "| wrecked ✗ | 0.100 [0.000, 0.200] | hrm-m lr=1e-4, seed 0, step 100 | 0.400 [0.800, 1.000] | 1/1 | never | 0.400 [0.800, 1.000] |" in markdown
+    assert "| wrecked ✗ | 0.100 [0.000, 0.200] | hrm-m lr=1e-4, seed 0, step 100 | 0.300 [0.200, 0.400] | 1/1 | never | 0.300 [0.200, 0.400] |" in markdown
     assert "below 0.5 of the oracle's (0.900)" in markdown
-    # While the model stays usable (retain alignment >= 0.5 x the oracle's 0.9): esd's worst is the
-    # lr 1e-4 attack's 0.7, not the 0.9 of the attack that wrecked it; the wrecked model never counts.
+    # While the model stays usable (not clearly below 0.5 x the oracle's 0.9): esd's worst is the
+    # lr 1e-4 attack's 0.7 (alignment 0.4, but its interval reaches 0.45), not the 0.9 of the
+    # attack that wrecked it (0.3 [0.2, 0.4]); the wrecked model never counts.
     usable = markdown.split("#### Worst case while the model stays usable")[1].split("####")[0]
-    assert "at least 0.5 of the oracle's before any attack" in usable
-    assert "| esd | 0.450 | 0.700 [0.600, 0.800] | hrm-m lr=1e-4, seed 1, step 100 | 0.900 [0.800, 1.000] |" in usable
+    assert "lies entirely below 0.5 of the oracle's before any attack" in usable
+    assert "| esd | 0.450 | 0.700 [0.600, 0.800] | hrm-m lr=1e-4, seed 1, step 100 | 0.400 [0.300, 0.500] |" in usable
     assert "| oracle | 0.450 | 0.200 [0.100, 0.300] | hrm-m lr=1e-4, seed 0, step 100 | 0.900 [0.800, 1.000] |" in usable
     assert "| wrecked | 0.450 | none | - | - |" in usable
     # AUC of 0.1 -> 0.5 and 0.1 -> 0.7 (trapezoids over 100 steps), averaged: (0.3 + 0.4) / 2, with the seeds' range
@@ -694,8 +696,8 @@ def test_the_worst_case_by_attack_data_counts_the_attacks_a_search_stopped():
         ["oracle", "hrm-m", "0.020 [0.010, 0.040]", "step 0", "0.900 [0.900, 0.900]", "diverged at step 1"],
         ["oracle", "clean", "0.050 [0.025, 0.100]", "step 2", "0.440 [0.440, 0.440]", "paused at step 2 (still running)"],
     ]
-    # While usable (retain alignment >= 0.5 x the oracle's 0.9 = 0.45), uce's worst case is the
-    # pruned benign attack's, and the oracle's step 2 (alignment 0.44) does not count.
+    # While usable (retain alignment not clearly below 0.5 x the oracle's 0.9 = 0.45), uce's worst
+    # case is the pruned benign attack's, and the oracle's step 2 (0.44 [0.44, 0.44]) does not count.
     (table,) = [b for b in _usable_blocks(ran, oracles, contender_rank(preset), searched=True) if isinstance(b, Table)]
     assert [[row[1], row[2], row[3], row[4].rsplit(", ", 1)[1], row[6]] for row in table.rows] == [
         ["uce", "0.450", "0.300 [0.150, 0.600]", "step 2", "pruned at step 2, ran to 2 (a lower bound)"],
