@@ -687,8 +687,8 @@ def test_the_worst_case_by_attack_data_counts_the_attacks_a_search_stopped():
     groups = [GroupState("circle", "uce", [2], [2, 1], [Pruned("clean", 2, 0.3, [cells[("uce", "clean")].key])]),
               GroupState("circle", "oracle", [2], [2])]  # fmt: skip
     grid = sorted(cells.values(), key=lambda c: c.key)
-    ran, oracles = _attacks_ran(grid, {c.key: c for c in done}, partials, groups)
-    assert oracles == {"oracle"}
+    ran, floors = _attacks_ran(grid, {c.key: c for c in done}, partials, groups)
+    assert floors == {"circle": pytest.approx(0.45)}
     (table,) = [b for b in _by_data_blocks(preset, ran, contender_rank(preset)) if isinstance(b, Table)]
     assert [[row[1], row[2], row[3], row[4].rsplit(", ", 1)[1], row[5], row[6]] for row in table.rows] == [
         ["uce", "hrm-m", "0.900 [0.450, 1.000]", "step 2", "0.200 [0.200, 0.200]", "to the end"],
@@ -698,7 +698,7 @@ def test_the_worst_case_by_attack_data_counts_the_attacks_a_search_stopped():
     ]
     # While usable (retain alignment not clearly below 0.5 x the oracle's 0.9 = 0.45), uce's worst
     # case is the pruned benign attack's, and the oracle's step 2 (0.44 [0.44, 0.44]) does not count.
-    (table,) = [b for b in _usable_blocks(ran, oracles, contender_rank(preset), searched=True) if isinstance(b, Table)]
+    (table,) = [b for b in _usable_blocks(ran, floors, contender_rank(preset), searched=True) if isinstance(b, Table)]
     assert [[row[1], row[2], row[3], row[4].rsplit(", ", 1)[1], row[6]] for row in table.rows] == [
         ["uce", "0.450", "0.300 [0.150, 0.600]", "step 2", "pruned at step 2, ran to 2 (a lower bound)"],
         ["oracle", "0.450", "0.020 [0.010, 0.040]", "step 0", table.rows[1][6]],

@@ -213,7 +213,7 @@ def _search_blocks(store: ResultStore, entry: dict[str, Any], finished: dict[str
     begun = {key for key, _ in partials} | set(finished)
     begun_groups = {(c.concept, c.contender.label) for c in grid if c.key in begun}
     groups = sorted((s for s in states if (s.concept, s.contender) in begun_groups), key=lambda g: (g.concept, rank(g.contender)))
-    ran, oracles = _attacks_ran(grid, finished, partials, groups)
+    ran, floors = _attacks_ran(grid, finished, partials, groups)
     rows = []
     for group in groups:
         levels = [str(group.candidates[0])] + [f"{n} (step {r})" for n, r in zip(group.candidates[1:], group.rungs)]
@@ -233,7 +233,7 @@ def _search_blocks(store: ResultStore, entry: dict[str, Any], finished: dict[str
                   "when it stopped (a lower bound on its own worst case)."),
         Table(["concept", "contender", "settings at each rung", "highest pruned setting: forget rate (setting, rung)"], rows),
         *_by_data_blocks(entry["preset"], ran, rank),
-        *_usable_blocks(ran, oracles, rank, searched=True),
+        *_usable_blocks(ran, floors, rank, searched=True),
     ]
 
 
@@ -249,15 +249,11 @@ class _Ran:
     points: list[dict[str, Any]]
     how_far: str
 
-    @property
-    def start(self) -> dict[str, Any] | None:
-        return next((p for p in self.points if p["step"] == 0), None)
-
 
 def _attacks_ran(grid: list[Cell], finished: dict[str, CellResult], partials: dict[tuple[str, int], list[dict[str, Any]]],
-                 groups: list[GroupState]) -> tuple[list[_Ran], set[str]]:  # fmt: skip
+                 groups: list[GroupState]) -> tuple[list[_Ran], dict[str, float]]:  # fmt: skip
     """Every attack of the grid the search began, finished or stopped (pruned, or paused while it
-    runs), and the oracles' labels."""
+    runs), and per concept the usable bar: a share of the oracle's retain alignment before any attack."""
     pruned_at = {key: p.rung for group in groups for p in group.pruned for key in p.cells}
     paused_at: dict[str, int] = {}
     for key, step in partials:
@@ -275,7 +271,13 @@ def _attacks_ran(grid: list[Cell], finished: dict[str, CellResult], partials: di
         else:
             continue
         ran.append(_Ran(cell.concept, cell.contender.label, cell.attack["data"], cell.attack_label, cell.seed, points, how_far))
-    return ran, {c.contender.label for c in grid if c.contender.oracle}
+    oracles = {c.contender.label for c in grid if c.contender.oracle}
+    floors = {}
+    for run in ran:
+        start = next((p for p in run.points if p["step"] == 0), None)
+        if run.contender in oracles and run.concept not in floors and start and start.get("retain_alignment") is not None:
+            floors[run.concept] = BROKEN_ALIGNMENT_SHARE * start["retain_alignment"]
+    return ran, floors
 
 
 def _clearly_below(point: dict[str, Any], floor: float) -> bool:
@@ -341,7 +343,7 @@ _USABLE = ("An attack that wrecks the model can still make it draw the concept w
            "before it is attacked).")  # fmt: skip
 
 
-def _usable_blocks(ran: list[_Ran], oracles: set[str], rank, searched: bool) -> list[Block]:
+def _usable_blocks(ran: list[_Ran], floors: dict[str, float], rank, searched: bool) -> list[Block]:
     """The worst case while the attacked model stays usable, per concept and contender. In a search
     it is over every attack the search ran: the search ranks by forget rate alone, so this worst
     case can sit in an attack it pruned."""
@@ -350,11 +352,9 @@ def _usable_blocks(ran: list[_Ran], oracles: set[str], rank, searched: bool) -> 
         by_group[(run.concept, run.contender)].append(run)
     rows = []
     for (concept, contender), runs in sorted(by_group.items(), key=lambda kv: (kv[0][0], rank(kv[0][1]))):
-        start = next((r.start for (c, label), rs in by_group.items() if c == concept and label in oracles
-                      for r in rs if r.start is not None), None)  # fmt: skip
-        if start is None or start.get("retain_alignment") is None:
+        if concept not in floors:
             continue
-        floor = BROKEN_ALIGNMENT_SHARE * start["retain_alignment"]
+        floor = floors[concept]
         rows.append([concept, contender, f"{floor:.3f}", *_where(_highest(runs, floor))])
     if not rows:
         return []
@@ -418,7 +418,8 @@ def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curve
         blocks.append(Paragraph(f"The oracle's worst case, {oracle_worst:.3f}, is the level a truly forgotten concept reaches."))
     if not searched:
         ran = [_Ran(concept, c.contender, "", c.attack, c.seed, c.points, "to the end") for s in every for c in s.cells]
-        blocks += _usable_blocks(ran, {s.contender for s in every if s.oracle}, rank, searched=False)
+        if oracle_alignment is not None:
+            blocks += _usable_blocks(ran, {concept: BROKEN_ALIGNMENT_SHARE * oracle_alignment}, rank, searched=False)
     diverged = sorted((rank(c.contender), c.contender, c.attack, c.seed, c.summary["diverged_at"])
                       for s in every for c in s.cells if c.summary.get("diverged_at") is not None)  # fmt: skip
     if diverged:
