@@ -4,10 +4,14 @@ For each sample count and seed, the model's retain generations (the seeds `unrel
 --seed S` uses: generations S + 1) are scored in the detector's 64-d features, as `evaluate`
 scores them:
 - precision: the share inside the k-NN manifold of the cached 10,000 ground-truth renders;
+- the manifold distance: the mean distance to the k-th nearest of those renders, in units of
+  their own k-NN radii (k as precision's);
 - FID against the same reference;
 - KID against it (torchmetrics, 100 subsets, standardized features);
 - the former FID against as many fresh renders as generations (renders S + 2), for comparison.
-It prints each metric's relative spread over the seeds, (max - min) / mean.
+It prints each metric's relative spread over the seeds, (max - min) / mean, and with more than
+three seeds the spread three seeds are expected to show, 1.69 standard deviations (the expected
+range of three normal draws) over the mean.
 
     python benchmarks/fid_noise.py [--model builtin:shapes] [--concept striped] [--samples 64,128] [--seeds 0,1,2]
 """
@@ -22,20 +26,35 @@ from pathlib import Path
 import torch
 
 from unrelearn.assets import load_detector, load_model
-from unrelearn.evaluate import EvalConfig, cycle_captions, reference_features, reference_radii, retain_generations
+from unrelearn.evaluate import (
+    PRECISION_K,
+    EvalConfig,
+    cycle_captions,
+    reference_features,
+    reference_radii,
+    retain_generations,
+)
 from unrelearn.io import write_json_atomic
 from unrelearn.metrics import (
     detector_features,
     detector_fid,
     frechet_distance,
     kernel_distance,
+    manifold_distances,
     manifold_precision_flags,
 )
 from unrelearn.worlds import get_world
 
+# The expected range of three independent normal draws, in standard deviations.
+RANGE_OF_THREE = 1.693
+
 
 def spread(values: list[float]) -> float:
     return (max(values) - min(values)) / statistics.mean(values)
+
+
+def expected_spread_of_three(values: list[float]) -> float | None:
+    return RANGE_OF_THREE * statistics.stdev(values) / statistics.mean(values) if len(values) > 3 else None
 
 
 def main() -> None:
@@ -59,26 +78,30 @@ def main() -> None:
     rows = {}
     for samples in [int(n) for n in args.samples.split(",")]:
         retain = cycle_captions(world.concept_sets(args.concept).retain, samples)
-        precision, fid, kid, paired = [], [], [], []
+        precision, distance, fid, kid, paired = [], [], [], [], []
         for seed in seeds:
             config = EvalConfig(samples=samples, seed=seed, guidance=model.guidance)
             generated = retain_generations(model, retain, config)
             features = detector_features(detector, generated)
             inside = manifold_precision_flags(reference, radii, features)
             precision.append(sum(inside) / len(inside))
+            distance.append(float(manifold_distances(reference, radii, features, PRECISION_K).mean()))
             fid.append(frechet_distance(reference, features))
             kid.append(kernel_distance((reference - mean) / deviation, (features - mean) / deviation, seed=seed)[0])
             renders, _ = world.render(retain, torch.Generator().manual_seed(seed + 2))
             paired.append(detector_fid(detector, renders, generated))
-            print(f"samples {samples} seed {seed}: precision {precision[-1]:.3f}, FID {fid[-1]:.1f}, KID {kid[-1]:.4f}, "
+            print(f"samples {samples} seed {seed}: precision {precision[-1]:.3f}, manifold distance {distance[-1]:.3f}, "
+                  f"FID {fid[-1]:.1f}, KID {kid[-1]:.4f}, "
                   f"former paired FID {paired[-1]:.0f}",
                   flush=True)  # fmt: skip
-        rows[samples] = {"precision": precision, "fid": fid, "kid": kid, "paired_fid": paired,
-                         "spread": {"precision": spread(precision), "fid": spread(fid), "kid": spread(kid),
-                                    "paired_fid": spread(paired)}}  # fmt: skip
-        print(f"samples {samples}: relative spread over seeds {seeds}: precision {spread(precision):.1%}, "
-              f"FID {spread(fid):.1%}, KID {spread(kid):.1%}, "
-              f"former paired FID {spread(paired):.1%}")  # fmt: skip
+        values = {"precision": precision, "manifold_distance": distance, "fid": fid, "kid": kid, "paired_fid": paired}
+        rows[samples] = {**values, "spread": {name: spread(v) for name, v in values.items()},
+                         "expected_spread_of_three": {name: expected_spread_of_three(v) for name, v in values.items()}}  # fmt: skip
+        print(f"samples {samples}: relative spread over seeds {seeds}: "
+              + ", ".join(f"{name} {spread(v):.1%}" for name, v in values.items()))  # fmt: skip
+        if len(seeds) > 3:
+            print(f"samples {samples}: expected spread of three seeds (1.69 sd / mean): "
+                  + ", ".join(f"{name} {expected_spread_of_three(v):.1%}" for name, v in values.items()))  # fmt: skip
     summary = {"model": args.model, "concept": args.concept, "seeds": seeds, "by_samples": rows,
                "wall_seconds": time.perf_counter() - began}  # fmt: skip
     if args.out:

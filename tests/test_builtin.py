@@ -35,10 +35,12 @@ def test_evaluation_is_deterministic(base):
     first = evaluate(base, "circle", config, progress=False).metrics
     second = evaluate(base, "circle", config, progress=False).metrics
     for key in ("forget_rate", "forget_rate_ci", "retain_alignment", "fid", "retain_attribute_accuracy", "precision",
-                "precision_ci", "kid", "kid_std"):
+                "precision_ci", "manifold_distance", "manifold_distance_ci", "kid", "kid_std"):
         assert first[key] == second[key], key
     lo, hi = first["precision_ci"]
     assert 0 <= lo <= first["precision"] <= hi <= 1
+    lo, hi = first["manifold_distance_ci"]
+    assert 0 < lo <= first["manifold_distance"] <= hi
 
 
 def test_base_model_generates_what_it_is_asked_for(base):

@@ -9,6 +9,7 @@ from unrelearn.evaluate import _REFERENCE_CACHE, reference_features, reference_r
 from unrelearn.metrics import (
     frechet_distance,
     kernel_distance,
+    manifold_distances,
     manifold_precision_flags,
     neighbour_radii,
 )
@@ -32,6 +33,28 @@ def test_precision_is_one_on_the_reference_and_zero_far_from_it():
     inside = sum(manifold_precision_flags(reference, radii, fresh)) / 300
     assert 0.7 < inside <= 1.0  # same distribution: mostly inside the manifold
     assert not any(manifold_precision_flags(reference, radii, fresh + 20.0))
+
+
+def test_manifold_distance_on_a_lattice_is_the_kth_neighbour_over_the_reference_spacing():
+    # Reference: the integers 0..99 on a line. Every one's 2nd nearest other point is 1 away
+    # (0 and 99 included: 2 away is their 2nd; the median is 1), so distances are in lattice units.
+    reference = torch.arange(100, dtype=torch.float64)[:, None]
+    radii = neighbour_radii(reference, k=2)
+    assert float(radii.median()) == 1.0
+    generated = torch.tensor([[10.5], [-5.0], [200.0], [42.0]], dtype=torch.float64)
+    # 10.5: neighbours 10 and 11 at 0.5 each; -5: 0 at 5, 1 at 6; 200: 99 at 101, 98 at 102;
+    # 42 (on the lattice): itself at 0, then 41 and 43 at 1.
+    assert manifold_distances(reference, radii, generated, k=2).tolist() == [0.5, 6.0, 102.0, 1.0]
+
+
+def test_manifold_distance_is_about_one_for_the_reference_distribution_and_grows_off_it():
+    generator = torch.Generator().manual_seed(4)
+    reference = torch.randn(2000, 8, generator=generator, dtype=torch.float64)
+    radii = neighbour_radii(reference, k=5)
+    fresh = torch.randn(500, 8, generator=generator, dtype=torch.float64)
+    near = float(manifold_distances(reference, radii, fresh, k=5).mean())
+    assert 0.8 < near < 1.25
+    assert float(manifold_distances(reference, radii, fresh * 2.0, k=5).mean()) > 1.8 * near  # 2.2 measured
 
 
 def test_fid_and_kid_on_features_are_zero_for_one_distribution_and_grow_with_a_shift():

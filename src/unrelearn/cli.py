@@ -169,6 +169,8 @@ def evaluate(
         typer.echo(f"  retain alignment  {m['retain_alignment']:.3f}  {m['retain_attribute_accuracy']}")
         lo, hi = m["precision_ci"]
         typer.echo(f"  precision         {m['precision']:.3f}  [{lo:.3f}, {hi:.3f}]  (retain generations on the real manifold)")
+        lo, hi = m["manifold_distance_ci"]
+        typer.echo(f"  manifold distance {m['manifold_distance']:.3f}  [{lo:.3f}, {hi:.3f}]  (1: as close to real renders as they are)")
         typer.echo(f"  KID / FID         {m['kid']:.4f} +- {m['kid_std']:.4f} / {m['fid']:.1f}  (detector features)")
 
 

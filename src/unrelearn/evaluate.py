@@ -27,6 +27,7 @@ from unrelearn.metrics import (
     frechet_distance,
     kernel_distance,
     load_clip,
+    manifold_distances,
     manifold_precision_flags,
     neighbour_radii,
 )
@@ -205,6 +206,7 @@ def evaluate(
     reference = _reference(world, concept, detector, REFERENCE_IMAGES)
     generated = detector_features(detector, quality_images)
     inside = manifold_precision_flags(reference["features"], reference["radii"], generated)
+    distances = manifold_distances(reference["features"], reference["radii"], generated, PRECISION_K).tolist()
     # KID's cubic kernel on the raw features (values in the hundreds) overflows into noise:
     # it is measured on features standardized by the reference's mean and deviation.
     mean, deviation = reference["features"].mean(0), reference["features"].std(0).clamp_min(1e-6)
@@ -229,6 +231,8 @@ def evaluate(
         "retain_attribute_accuracy": per_attribute,
         "precision": sum(inside) / len(inside),
         "precision_ci": list(bootstrap_interval(inside, seed=config.seed)),
+        "manifold_distance": sum(distances) / len(distances),
+        "manifold_distance_ci": list(bootstrap_interval(distances, seed=config.seed)),
         "fid": frechet_distance(reference["features"], generated),
         "kid": kid,
         "kid_std": kid_std,
@@ -252,6 +256,8 @@ def evaluate(
             "deviation (cubic polynomial kernel), mean and std over 100 subsets of the generated set's size",
             "precision": f"share of retain generations inside the reference manifold (k-NN balls, k={PRECISION_K}, "
             "Kynkaanniemi et al. 2019) in the same features",
+            "manifold_distance": f"mean over retain generations of the distance to the {PRECISION_K}-th nearest reference "
+            "feature, over the median of the reference's own k-NN radii (1: as close as a real render)",
             "bootstrap": "percentile, 2000 resamples, 95%",
             "versions": library_versions(),
         },
@@ -261,7 +267,8 @@ def evaluate(
 
 # Metrics a world without ground truth cannot compute (FID and KID only against the user's
 # reference images, in CLIP's features): present in every evaluation, None there.
-GROUND_TRUTH_METRICS = ("retain_alignment", "retain_alignment_ci", "precision", "precision_ci", "fid", "kid", "kid_std",
+GROUND_TRUTH_METRICS = ("retain_alignment", "retain_alignment_ci", "precision", "precision_ci", "manifold_distance",
+                        "manifold_distance_ci", "fid", "kid", "kid_std",
                         "alternative_rate", "alternative_rate_ci")  # fmt: skip
 
 
