@@ -158,9 +158,9 @@ def manifold_distances(reference: torch.Tensor, radii: torch.Tensor, generated: 
     """Per generated sample: its distance to its ``k``-th nearest reference sample, in units of the
     median of the reference's own k-NN radii (``radii``, leave-one-out). About 1 for a sample drawn
     like the reference, larger the farther off the real manifold it lies: the graded form of the
-    manifold precision's in-or-out decision, on the same k-NN geometry. A mean of bounded-influence
-    per-image scores, it moves far less between seeds than precision or FID at a few hundred
-    samples (docs/results.md: the quality metrics' spread)."""
+    manifold precision's in-or-out decision, on the same k-NN geometry. Averaged, an outlying
+    generation weighs in by its distance, not its squared distance as in FID: on the embedded
+    world it moves less between seeds than precision, FID or KID (docs/results.md)."""
     if len(reference) < k:
         raise UnrelearnError(f"the manifold distance needs at least k={k} reference samples, got {len(reference)}")
     scale = radii.median()
