@@ -1,8 +1,9 @@
 """How much do the evaluation's quality metrics move when nothing but the seed changes?
 
-For each sample count and seed, the model's retain generations (the seeds `unrelearn evaluate
---seed S` uses: generations S + 1) are scored in the detector's 64-d features, as `evaluate`
-scores them:
+For each sample count N and seed S, the images `unrelearn evaluate --seed S --samples A
+--quality-samples N` scores for quality (the first A = min(N, --alignment-samples) retain
+generations, seed S + 1, then N - A more from the extra quality stream) are scored in the
+detector's 64-d features, as `evaluate` scores them:
 - precision: the share inside the k-NN manifold of the cached 10,000 ground-truth renders;
 - the manifold distance: the mean distance to the k-th nearest of those renders, in units of
   their own k-NN radii (k as precision's);
@@ -13,7 +14,8 @@ It prints each metric's relative spread over the seeds, (max - min) / mean, and 
 three seeds the spread three seeds are expected to show, 1.69 standard deviations (the expected
 range of three normal draws) over the mean.
 
-    python benchmarks/fid_noise.py [--model builtin:shapes] [--concept striped] [--samples 64,128] [--seeds 0,1,2]
+    python benchmarks/fid_noise.py [--model builtin:shapes] [--concept striped] [--samples 64,128]
+        [--alignment-samples 128] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from unrelearn.evaluate import (
     PRECISION_K,
     EvalConfig,
     cycle_captions,
+    quality_generations,
     reference_features,
     reference_radii,
     retain_generations,
@@ -62,6 +65,8 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:shapes")
     parser.add_argument("--concept", default="striped")
     parser.add_argument("--samples", default="64,128")
+    parser.add_argument("--alignment-samples", type=int, default=EvalConfig.samples,
+                        help="evaluate's --samples: the retain generations that come first (default: evaluate's)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -77,11 +82,13 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = {}
     for samples in [int(n) for n in args.samples.split(",")]:
-        retain = cycle_captions(world.concept_sets(args.concept).retain, samples)
+        captions = world.concept_sets(args.concept).retain
+        retain = cycle_captions(captions, samples)
+        first = min(samples, args.alignment_samples)
         precision, distance, fid, kid, paired = [], [], [], [], []
         for seed in seeds:
-            config = EvalConfig(samples=samples, seed=seed, guidance=model.guidance)
-            generated = retain_generations(model, retain, config)
+            config = EvalConfig(samples=first, quality_samples=samples, seed=seed, guidance=model.guidance)
+            generated = quality_generations(model, captions, config, retain_generations(model, retain[:first], config))
             features = detector_features(detector, generated)
             inside = manifold_precision_flags(reference, radii, features)
             precision.append(sum(inside) / len(inside))
@@ -102,7 +109,8 @@ def main() -> None:
         if len(seeds) > 3:
             print(f"samples {samples}: expected spread of three seeds (1.69 sd / mean): "
                   + ", ".join(f"{name} {expected_spread_of_three(v):.1%}" for name, v in values.items()))  # fmt: skip
-    summary = {"model": args.model, "concept": args.concept, "seeds": seeds, "by_samples": rows,
+    summary = {"model": args.model, "concept": args.concept, "seeds": seeds,
+               "alignment_samples": args.alignment_samples, "by_samples": rows,
                "wall_seconds": time.perf_counter() - began}  # fmt: skip
     if args.out:
         write_json_atomic(args.out, summary)

@@ -86,7 +86,7 @@ def test_reference_features_are_cached_and_a_damaged_cache_is_recomputed(monkeyp
 
 
 def test_more_quality_samples_change_only_the_quality_metrics(tiny_model):
-    """Extra retain generations (seed + 3) feed precision, FID and KID; forget rate and retain
+    """Extra retain generations feed precision, FID and KID; forget rate and retain
     alignment stay those of the first ``samples``."""
     from unrelearn.evaluate import EvalConfig, evaluate
 
@@ -96,6 +96,35 @@ def test_more_quality_samples_change_only_the_quality_metrics(tiny_model):
     for key in ("forget_rate", "forget_rate_ci", "retain_alignment", "retain_alignment_ci"):
         assert plain[key] == more[key], key
     assert plain["fid"] != more["fid"]
+
+
+def test_evaluations_at_different_seeds_draw_independent_quality_images(tiny_model, monkeypatch):
+    """The seed-to-seed spread of a quality metric is only honest if two seeds' evaluations score
+    independent images: no generator seed may feed the quality images (retain and extra
+    generations) of two seeds; the extras once used seed + 3, seed + 2's retain stream. (Seed
+    S + 1's forget generations do share S's retain noise, under other prompts and another
+    metric; changing that would change every stored forget rate.)"""
+    import itertools
+
+    from unrelearn.evaluate import EvalConfig, evaluate
+
+    calls: list[int] = []
+    sample = type(tiny_model).sample
+
+    def recording_sample(self, prompts, *args, seed=0, **kwargs):
+        calls.append(seed)
+        return sample(self, prompts, *args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(type(tiny_model), "sample", recording_sample)
+    quality_streams, forget_streams = {}, {}
+    for seed in range(4):
+        calls.clear()
+        evaluate(tiny_model, "circle", EvalConfig(samples=2, steps=1, quality_samples=4, seed=seed), progress=False)
+        assert len(calls) == 3, calls  # forget, retain, extra quality generations
+        forget_streams[seed], quality_streams[seed] = calls[0], set(calls[1:])
+    assert len(set(forget_streams.values())) == 4
+    for a, b in itertools.combinations(quality_streams.values(), 2):
+        assert not a & b, quality_streams
 
 
 

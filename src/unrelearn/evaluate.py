@@ -46,7 +46,7 @@ class EvalConfig:
     guidance: float | None = None
     batch_size: int = 128
     # Retain generations the quality metrics (precision, FID, KID) are computed on: the first
-    # ``samples`` (also those retain alignment is measured on) plus more drawn with seed + 3;
+    # ``samples`` (also those retain alignment is measured on) plus more (quality_generations);
     # None: as many as ``samples``. More lowers their noise but does not tame FID (README: at
     # 512, 1.4% over seeds for circle, 58% for striped).
     quality_samples: int | None = None
@@ -83,6 +83,30 @@ def retain_generations(
         [c.text for c in retain], seed=config.seed + 1, steps=config.steps, guidance=config.guidance,
         batch_size=config.batch_size, on_batch=on_batch,
     )  # fmt: skip
+
+
+# The extra quality generations of an evaluation at seed S draw from seed S + this offset. A
+# small offset made evaluations share noise (with S + 3, the extras of seed 0 started from the
+# latents of seed 2's retain generations), which understates the seed-to-seed spread of every
+# quality metric; no seed a user passes comes near 2**32.
+QUALITY_SEED_OFFSET = 2**32
+
+
+def quality_generations(
+    model: DiffusionModel, retain_captions: list[Caption], config: EvalConfig, retain_images: torch.Tensor, on_batch=None
+) -> torch.Tensor:
+    """The images precision, the manifold distance, FID and KID score: ``retain_images`` (the
+    first ``config.samples`` retain generations, :func:`retain_generations`), then, up to
+    ``config.quality_samples``, the retain prompts cycled on from there and sampled with seed
+    ``config.seed + QUALITY_SEED_OFFSET``. ``config.guidance`` must be resolved."""
+    extra = max(0, (config.quality_samples or config.samples) - config.samples)
+    if not extra:
+        return retain_images
+    more = cycle_captions(retain_captions, config.samples + extra)[config.samples :]
+    return torch.cat([retain_images, model.sample(
+        [c.text for c in more], seed=config.seed + QUALITY_SEED_OFFSET, steps=config.steps,
+        guidance=config.guidance, batch_size=config.batch_size, on_batch=on_batch,
+    )])  # fmt: skip
 
 
 # The reference side of the quality metrics: this many ground-truth renders of the retain
@@ -167,8 +191,9 @@ def evaluate(
 ) -> Evaluation:
     """Sample ``config.samples`` images from the concept's evaluation and retain prompts and score them.
 
-    Seeds: forget generations use ``seed``, retain generations ``seed + 1``, ground-truth
-    retain images ``seed + 2``, the bootstrap ``seed``; the same seed gives the same numbers.
+    Seeds: forget generations use ``seed``, retain generations ``seed + 1``, the extra quality
+    generations ``seed + QUALITY_SEED_OFFSET``, the bootstrap ``seed``; the same seed gives the
+    same numbers, and evaluations at different seeds share no generation's noise.
     ``prompts`` (rows of an I2P-style file, :func:`~unrelearn.worlds.prompts.read_prompt_csv`)
     replace the concept's evaluation prompts in a world without ground truth, each generated
     with its own seed and guidance. ``clip`` (a local CLIP folder) adds the CLIP score of the
@@ -195,13 +220,7 @@ def evaluate(
     sample = {"steps": config.steps, "guidance": config.guidance, "batch_size": config.batch_size, "on_batch": bar.update}
     forget_images = model.sample([c.text for c in forget], seed=config.seed, **sample)
     retain_images = retain_generations(model, retain, config, on_batch=bar.update)
-    quality_images = retain_images
-    if extra:
-        more = cycle_captions(sets.retain, config.samples + extra)[config.samples :]
-        quality_images = torch.cat([retain_images, model.sample(
-            [c.text for c in more], seed=config.seed + 3, steps=config.steps, guidance=config.guidance,
-            batch_size=config.batch_size, on_batch=bar.update,
-        )])  # fmt: skip
+    quality_images = quality_generations(model, sets.retain, config, retain_images, on_batch=bar.update)
     bar.close()
     reference = _reference(world, concept, detector, REFERENCE_IMAGES)
     generated = detector_features(detector, quality_images)
