@@ -171,14 +171,15 @@ def test_a_store_of_another_schema_or_not_a_database_is_refused(tmp_path):
 
 
 def test_a_schema_3_store_is_migrated_with_its_rows(tmp_path):
-    """Schema 4 only lets the quality columns be NULL, schema 5 adds the alternative rate; a store
-    written by schema 3 (benchmarks in progress) keeps its rows and takes rows without quality
-    metrics afterwards."""
+    """Schema 4 only lets the quality columns be NULL, schema 5 adds the alternative rate, schema 6
+    the manifold distance; a store written by schema 3 (benchmarks in progress) keeps its rows and
+    takes rows without quality metrics afterwards."""
     from unrelearn.bench import store as store_module
 
     path = tmp_path / "results.sqlite"
     schema3 = store_module._SCHEMA.replace("    alternative_rate REAL,\n    alternative_low REAL,\n    alternative_high REAL,\n", "")
-    assert "alternative" not in schema3
+    schema3 = schema3.replace("    manifold_distance REAL,\n    manifold_low REAL,\n    manifold_high REAL,\n", "")
+    assert "alternative" not in schema3 and "manifold" not in schema3
     for column in store_module._QUALITY_COLUMNS:
         schema3 = schema3.replace(f"    {column} REAL,", f"    {column} REAL NOT NULL,")
     assert schema3.count("NOT NULL") == store_module._SCHEMA.count("NOT NULL") + len(store_module._QUALITY_COLUMNS)
@@ -193,7 +194,7 @@ def test_a_schema_3_store_is_migrated_with_its_rows(tmp_path):
         return next(c for c in store.cells() if c.key == key).points[0]
 
     assert point_of("old")["fid"] == 12.0 and point_of("old")["forget_rate"] == 0.5
-    assert point_of("old")["alternative_rate"] is None
+    assert point_of("old")["alternative_rate"] is None and point_of("old")["manifold_distance"] is None
     point = {"step": 0, "forget_rate": 0.25, "forget_rate_ci": [0.1, 0.4], "retain_alignment": None,
              "retain_alignment_ci": [None, None], "precision": None, "precision_ci": [None, None], "fid": None, "kid": None,
              "kid_std": None}  # fmt: skip
@@ -202,9 +203,35 @@ def test_a_schema_3_store_is_migrated_with_its_rows(tmp_path):
     point |= {"alternative_rate": 0.75, "alternative_rate_ci": [0.6, 0.9]}
     store.add_cell(CellResult("digits", "seven", "dimum", "dimra-aux", 0, {}, {}, [point], 1.0, "h"))
     assert point_of("digits")["alternative_rate"] == 0.75 and point_of("digits")["alternative_rate_ci"] == [0.6, 0.9]
+    point |= {"manifold_distance": 1.5, "manifold_distance_ci": [1.4, 1.6]}
+    store.add_cell(CellResult("shapes", "circle", "esd", "hrm-m", 0, {}, {}, [point], 1.0, "h"))
+    assert point_of("shapes")["manifold_distance"] == 1.5 and point_of("shapes")["manifold_distance_ci"] == [1.4, 1.6]
     store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()[0] == "5"
+        assert db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()[0] == "6"
+
+
+def test_a_schema_5_store_gains_the_manifold_distance_and_keeps_its_rows(tmp_path):
+    """The committed benchmark folders were written by schema 5: opened by schema 6 their rows
+    read as before, with no manifold distance (not measured then)."""
+    from unrelearn.bench import store as store_module
+
+    path = tmp_path / "results.sqlite"
+    schema5 = store_module._SCHEMA.replace("    manifold_distance REAL,\n    manifold_low REAL,\n    manifold_high REAL,\n", "")
+    assert "manifold" not in schema5
+    with sqlite3.connect(path) as db:
+        db.executescript(schema5)
+        db.execute("INSERT INTO meta VALUES ('schema', '5')")
+        db.execute("INSERT INTO cells VALUES ('old', 'circle', 'esd', 'hrm-m', 0, '{}', '{}', 1.0, 'h', 0)")
+        db.execute("INSERT INTO points VALUES ('old', 0, 0.5, 0.4, 0.6, 0.9, 0.8, 1.0, 0.7, 0.6, 0.8, 12.0, 0.01, 0.002, "
+                   "0.25, 0.1, 0.4)")  # fmt: skip
+    store = ResultStore(path)
+    (point,) = store.cells()[0].points
+    assert point["fid"] == 12.0 and point["alternative_rate_ci"] == [0.1, 0.4]
+    assert point["manifold_distance"] is None and point["manifold_distance_ci"] == [None, None]
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()[0] == "6"
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +312,10 @@ def test_the_report_shows_the_stored_numbers_tables_and_images(uninterrupted, tm
     start = next(p for p in cells[0].points if p["step"] == 0)
     alignment = f"{start['retain_alignment']:.3f} [{start['retain_alignment_ci'][0]:.3f}, {start['retain_alignment_ci'][1]:.3f}] |"
     assert "retain alignment before [95% CI]" in worst and alignment in worst
+    # A new store measures the manifold distance at every evaluated step; the report shows it.
+    distance = f"{start['manifold_distance']:.3f} [{start['manifold_distance_ci'][0]:.3f}, {start['manifold_distance_ci'][1]:.3f}]"
+    assert all(p["manifold_distance"] is not None for cell in cells for p in cell.points)
+    assert "manifold distance [95% CI]" in markdown and distance in markdown and "manifold distance (last)" in markdown
     # Self-contained: every image inline, no file reference left in the page.
     assert page.count("<table>") >= 4 and page.count('src="data:image/png;base64,') >= 7
     assert 'src="' not in page.replace('src="data:image/png;base64,', "")

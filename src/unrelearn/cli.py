@@ -109,7 +109,8 @@ def evaluate(
     model: str = typer.Argument(..., help="a model folder, or builtin:NAME (e.g. builtin:shapes)"),
     concept: str = typer.Option(..., "--concept", "-c", help="the forget concept, e.g. circle"),
     samples: int = typer.Option(128, help="generations per prompt set"),
-    quality_samples: int | None = typer.Option(None, help="retain generations for precision, FID and KID (default: --samples)"),
+    quality_samples: int = typer.Option(384, help="retain generations for precision, the manifold distance, FID and KID "
+                                        "(the first --samples are the retain generations; fewer than --samples: --samples)"),
     seed: int = typer.Option(0),
     steps: int = typer.Option(25, help="DDIM sampling steps"),
     guidance: float | None = typer.Option(None, help="classifier-free guidance scale (default: the model's own)"),
@@ -325,7 +326,7 @@ def attack_command(
     lora_targets: str = typer.Option("to_k,to_q,to_v,to_out.0", help="comma-separated module names for LoRA"),
     eval_at: str = typer.Option("0,50,100,200,300", help="steps at which to evaluate (0 = before the attack)"),
     samples: int = typer.Option(64, help="generations per evaluation"),
-    quality_samples: int | None = typer.Option(None, help="retain generations for precision, FID, KID (default: --samples)"),
+    quality_samples: int | None = typer.Option(None, help="retain generations for precision, the manifold distance, FID and KID at every evaluated step (default: --samples)"),
     seed: int = typer.Option(0),
     threshold: float | None = typer.Option(None, help="forget rate that counts as relearned (default: half the reference's)"),
     reference: str | None = typer.Option(None, help="model whose forget rate sets the threshold (default builtin:WORLD)"),

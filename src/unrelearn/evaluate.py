@@ -91,6 +91,11 @@ def retain_generations(
 # quality metric; no seed a user passes comes near 2**32.
 QUALITY_SEED_OFFSET = 2**32
 
+# `unrelearn evaluate`'s quality generations by default: at 128 the manifold distance moves by
+# 6-8% between three seeds on the base model, at 384 by under 5% (docs/results.md, "The manifold
+# distance"). Attack curves and benchmark presets keep quality at --samples for their cost.
+STEADY_QUALITY_SAMPLES = 384
+
 
 def quality_generations(
     model: DiffusionModel, retain_captions: list[Caption], config: EvalConfig, retain_images: torch.Tensor, on_batch=None

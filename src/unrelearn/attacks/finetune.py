@@ -56,7 +56,8 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {"lr": 1e-4, "batch_size": 16}
 
 # What each point of a durability curve keeps of an evaluation.
 CURVE_METRICS = ("forget_rate", "forget_rate_ci", "retain_alignment", "retain_alignment_ci", "precision", "precision_ci",
-                 "fid", "kid", "kid_std", "alternative_rate", "alternative_rate_ci")  # fmt: skip
+                 "manifold_distance", "manifold_distance_ci", "fid", "kid", "kid_std", "alternative_rate",
+                 "alternative_rate_ci")  # fmt: skip
 
 
 def parse_eval_at(text: str | list[int], steps: int) -> list[int]:

@@ -72,6 +72,20 @@ class Figures:
 Block = Heading | Paragraph | Table | Figure | Figures
 
 
+# The seed-to-seed spreads quoted are measured on the base model (docs/results.md, "The
+# manifold distance": python benchmarks/fid_noise.py, eight seeds).
+QUALITY_NOTE = (
+    "Quality on the retain prompts, in the detector's features against 10,000 ground-truth renders: precision (share "
+    "of generations inside the real images' k-NN manifold, with its interval; about 10% expected spread over three "
+    "seeds on the base model at 128 samples), KID and FID (32-44% expected spread over three seeds at 128 samples)."
+)
+MANIFOLD_NOTE = (
+    "The manifold distance (mean distance of the generations to their 5th nearest real render, in units of the real "
+    "renders' own 5-NN radius: 1 is as close as a real render, higher is worse) is the steadiest: 6-8% expected "
+    "spread over three seeds at 128 samples, under 5% at 384 (`unrelearn evaluate`'s default)."
+)
+
+
 def _rate(value: float | None, interval: list[float] | tuple[float, float] | None = None, spec: str = ".3f") -> str:
     """A number with its interval; None (not measured in this world: no ground truth) as n/a."""
     if value is None:
@@ -133,6 +147,8 @@ class Setting:
                 "retain_alignment_ci": _span([p["retain_alignment"] for p in points]),
                 "precision": _mean([p["precision"] for p in points]),
                 "precision_ci": _span([p["precision"] for p in points]),
+                "manifold_distance": _mean([p.get("manifold_distance") for p in points]),
+                "manifold_distance_ci": _span([p.get("manifold_distance") for p in points]),
                 "fid": _mean([p["fid"] for p in points]),
                 "kid": _mean([p["kid"] for p in points]),
                 "kid_std": _mean([p["kid_std"] for p in points]),
@@ -430,23 +446,25 @@ def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curve
         ))  # fmt: skip
 
     # Before any attack.
+    starts = {contender: next((p for p in settings[0].cells[0].points if p["step"] == 0), None)
+              for contender, settings in worst_by_contender.items()}  # fmt: skip
+    # Stores written before schema 6 have no manifold distance: its column only where measured.
+    with_distance = any(p is not None and p.get("manifold_distance") is not None for p in starts.values())
     rows = []
-    for contender, settings in sorted(worst_by_contender.items(), key=lambda kv: rank(kv[0])):
-        start = next((p for p in settings[0].cells[0].points if p["step"] == 0), None)
+    for contender, start in sorted(starts.items(), key=lambda kv: rank(kv[0])):
         if start is not None:
+            distance = [_rate(start.get("manifold_distance"), start.get("manifold_distance_ci"))] if with_distance else []
             rows.append([contender, _rate(start["forget_rate"], start["forget_rate_ci"]),
                          _rate(start["retain_alignment"], start["retain_alignment_ci"]),
-                         _rate(start["precision"], start["precision_ci"]),
+                         _rate(start["precision"], start["precision_ci"]), *distance,
                          "n/a" if start["kid"] is None else f"{start['kid']:.3f} ± {start['kid_std']:.3f}",
                          _rate(start["fid"], spec=".0f")])  # fmt: skip
     blocks.append(Heading("Before the attack", 4))
     blocks.append(Table(["contender", "forget rate [95% CI]", "retain alignment [95% CI]", "precision [95% CI]",
+                         *(["manifold distance [95% CI]"] if with_distance else []),
                          "KID ± std over subsets", "FID (no interval: see below)"], rows))  # fmt: skip
     if any(row[3] != "n/a" for row in rows):
-        blocks.append(Paragraph("Quality on the retain prompts, in the detector's features against 10,000 ground-truth "
-                                "renders: precision (share of generations inside the real images' k-NN manifold, with "
-                                "its interval; the steadiest of the three, 2-13% spread over seeds on the base model at "
-                                "64-512 samples), KID and FID (FID moves by up to 58% between seeds, at 128 and at 512 samples)."))  # fmt: skip
+        blocks.append(Paragraph(QUALITY_NOTE + (" " + MANIFOLD_NOTE if with_distance else "")))
     grids = [Figure(p, f"{concept}: original model") for p in sorted((store.path.parent / "grids").glob("reference-*.png"))
              if _reference_concept(store, p) == concept]  # fmt: skip
     for key, model in sorted(models.items(), key=lambda kv: rank(kv[1]["contender"])):
@@ -474,21 +492,26 @@ def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curve
         note = ("forget rate [95% bootstrap CI]" if len(seeds) == 1 else
                 f"forget rate, mean over seeds {seeds} [range of the seeds]")  # fmt: skip
         rows = []
+        lasts = {s.contender: {p["step"]: p for p in s.points()}.get(steps[-1]) for s in settings}
+        with_distance = any(last is not None and last.get("manifold_distance") is not None for last in lasts.values())
+        quality = ["retain_alignment", "precision", *(["manifold_distance"] if with_distance else [])]
         for s in settings:
             by_step = {p["step"]: p for p in s.points()}
+            last = lasts[s.contender]
             rows.append(
                 [s.contender]
                 + [_rate(by_step[t]["forget_rate"], by_step[t]["forget_rate_ci"]) if t in by_step else "-" for t in steps]
-                + [", ".join(_relearned(c) for c in s.cells), _auc([c.summary["auc"] for c in s.cells]),
-                   _rate(by_step[steps[-1]]["retain_alignment"], by_step[steps[-1]]["retain_alignment_ci"]) if steps[-1] in by_step else "-",
-                   _rate(by_step[steps[-1]]["precision"], by_step[steps[-1]]["precision_ci"]) if steps[-1] in by_step else "-"]
+                + [", ".join(_relearned(c) for c in s.cells), _auc([c.summary["auc"] for c in s.cells])]
+                + ["-" if last is None else _rate(last.get(name), last.get(f"{name}_ci")) for name in quality]
             )  # fmt: skip
         blocks.append(Paragraph(f"Rows: {note} after each number of attack steps; steps-to-relearn per seed; "
                                 "AUC: area under the forget-rate curve over the attack, normalised to 1 (one value per "
                                 "attack run: with one seed it has no interval, with several the range of the seeds); "
-                                "retain alignment and precision at the last evaluated step."))  # fmt: skip
+                                f"retain alignment{', precision and the manifold distance' if with_distance else ' and precision'}"
+                                " at the last evaluated step."))  # fmt: skip
         blocks.append(Table(["contender", *[f"step {t}" for t in steps], "steps to relearn", "AUC",
-                             "retain alignment (last)", "precision (last)"], rows))  # fmt: skip
+                             "retain alignment (last)", "precision (last)",
+                             *(["manifold distance (last)"] if with_distance else [])], rows))  # fmt: skip
         curve = figures / f"curve-{digest([concept, attack])}.png"
         plot_curves({s.contender: s.points() for s in settings}, curve, threshold, title=f"{concept}: {attack}")
         grids = []

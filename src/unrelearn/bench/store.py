@@ -27,11 +27,11 @@ from typing import Any
 
 from unrelearn.errors import UnrelearnError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # Schema 4 lets the quality columns be NULL (a world without ground truth, Stable Diffusion's,
 # has no retain alignment, precision, FID or KID); schema 5 adds the alternative rate (the
-# DiMRA paper's share of forget-prompt images showing the alternative concept). Older stores
-# are migrated in place.
+# DiMRA paper's share of forget-prompt images showing the alternative concept); schema 6 the
+# manifold distance (the steadiest quality metric). Older stores are migrated in place.
 _QUALITY_COLUMNS = ("retain_alignment", "retain_low", "retain_high", "precision", "precision_low", "precision_high",
                     "fid", "kid", "kid_std")  # fmt: skip
 
@@ -67,6 +67,9 @@ CREATE TABLE IF NOT EXISTS points (
     alternative_rate REAL,
     alternative_low REAL,
     alternative_high REAL,
+    manifold_distance REAL,
+    manifold_low REAL,
+    manifold_high REAL,
     PRIMARY KEY (cell, step)
 );
 CREATE TABLE IF NOT EXISTS models (
@@ -148,10 +151,12 @@ class ResultStore:
             found = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
             if found is None:
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif int(found[0]) in (3, 4):
+            elif int(found[0]) in (3, 4, 5):
                 if int(found[0]) == 3:
                     _migrate_3_to_4(db)
-                _migrate_4_to_5(db)
+                if int(found[0]) <= 4:
+                    _migrate_4_to_5(db)
+                _migrate_5_to_6(db)
             elif int(found[0]) != SCHEMA_VERSION:
                 raise UnrelearnError(
                     f"{str(self.path)!r} holds results of store schema {found[0]}, this unrelearn writes schema "
@@ -216,10 +221,11 @@ class ResultStore:
             )  # fmt: skip
             db.execute("DELETE FROM points WHERE cell = ?", (result.key,))
             db.executemany(
-                "INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(result.key, p["step"], p["forget_rate"], *p["forget_rate_ci"], p["retain_alignment"],
                   *(p["retain_alignment_ci"] or (None, None)), p["precision"], *(p["precision_ci"] or (None, None)), p["fid"],
-                  p["kid"], p["kid_std"], p.get("alternative_rate"), *(p.get("alternative_rate_ci") or (None, None)))
+                  p["kid"], p["kid_std"], p.get("alternative_rate"), *(p.get("alternative_rate_ci") or (None, None)),
+                  p.get("manifold_distance"), *(p.get("manifold_distance_ci") or (None, None)))
                  for p in result.points],
             )  # fmt: skip
             db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?)", (time.time(), socket.gethostname(), os.getpid(), result.key, event))
@@ -232,6 +238,7 @@ class ResultStore:
                 "retain_alignment": row[5], "retain_alignment_ci": [row[6], row[7]], "precision": row[8],
                 "precision_ci": [row[9], row[10]], "fid": row[11], "kid": row[12], "kid_std": row[13],
                 "alternative_rate": row[14], "alternative_rate_ci": [row[15], row[16]],
+                "manifold_distance": row[17], "manifold_distance_ci": [row[18], row[19]],
             })  # fmt: skip
         return [
             CellResult(
@@ -301,6 +308,12 @@ def _migrate_3_to_4(db: sqlite3.Connection) -> None:
 def _migrate_4_to_5(db: sqlite3.Connection) -> None:
     """Add the alternative-rate columns (NULL in the rows written before them)."""
     for column in ("alternative_rate", "alternative_low", "alternative_high"):
+        db.execute(f"ALTER TABLE points ADD COLUMN {column} REAL")
+
+
+def _migrate_5_to_6(db: sqlite3.Connection) -> None:
+    """Add the manifold-distance columns (NULL in the rows written before them)."""
+    for column in ("manifold_distance", "manifold_low", "manifold_high"):
         db.execute(f"ALTER TABLE points ADD COLUMN {column} REAL")
     db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (str(SCHEMA_VERSION),))
 
