@@ -92,8 +92,9 @@ def retain_generations(
 QUALITY_SEED_OFFSET = 2**32
 
 # `unrelearn evaluate`'s quality generations by default: at 128 the manifold distance moves by
-# 6-8% between three seeds on the base model, at 384 by under 5% (docs/results.md, "The manifold
-# distance"). Attack curves and benchmark presets keep quality at --samples for their cost.
+# 6-8% between three seeds on the base model, at 384 by 3-4% on average (some triples of seeds up
+# to 6%; 768 is no steadier: docs/results.md, "The manifold distance"). Attack curves and
+# benchmark presets keep quality at --samples for their cost.
 STEADY_QUALITY_SAMPLES = 384
 
 

@@ -82,7 +82,8 @@ QUALITY_NOTE = (
 MANIFOLD_NOTE = (
     "The manifold distance (mean distance of the generations to their 5th nearest real render, in units of the real "
     "renders' own 5-NN radius: 1 is as close as a real render, higher is worse) is the steadiest: 6-8% expected "
-    "spread over three seeds at 128 samples, under 5% at 384 (`unrelearn evaluate`'s default)."
+    "spread over three seeds at 128 samples, 3-4% on average at 384 (`unrelearn evaluate`'s default; some triples "
+    "of seeds up to 6%)."
 )
 
 
@@ -492,12 +493,12 @@ def _concept_blocks(store, concept, by_attack, models, figures: Path, plot_curve
         note = ("forget rate [95% bootstrap CI]" if len(seeds) == 1 else
                 f"forget rate, mean over seeds {seeds} [range of the seeds]")  # fmt: skip
         rows = []
-        lasts = {s.contender: {p["step"]: p for p in s.points()}.get(steps[-1]) for s in settings}
+        by_steps = {s.contender: {p["step"]: p for p in s.points()} for s in settings}
+        lasts = {contender: by_step.get(steps[-1]) for contender, by_step in by_steps.items()}
         with_distance = any(last is not None and last.get("manifold_distance") is not None for last in lasts.values())
         quality = ["retain_alignment", "precision", *(["manifold_distance"] if with_distance else [])]
         for s in settings:
-            by_step = {p["step"]: p for p in s.points()}
-            last = lasts[s.contender]
+            by_step, last = by_steps[s.contender], lasts[s.contender]
             rows.append(
                 [s.contender]
                 + [_rate(by_step[t]["forget_rate"], by_step[t]["forget_rate_ci"]) if t in by_step else "-" for t in steps]
